@@ -1,0 +1,143 @@
+"""The math of SPEC.md as written: a loop over experts, computed in float32 (float64 for float64 inputs).
+
+Obviously right rather than fast; every other backend is tested against it. Public ops validate their
+inputs before they get here (`hmora_kernels.ops`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+from .dropout import ROUTER_STREAM, apply_dropout, member_stream
+from .types import GroupOutput
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def sequence_index(num_tokens: int, num_sequences: int, device) -> torch.Tensor:
+    """Sequence of each token of a flattened (num_sequences x seq_len) batch."""
+    return torch.arange(num_tokens, device=device) // (num_tokens // num_sequences)
+
+
+def lora(x, A, B, scaling, *, dropout_p=0.0, seed=0, base=None):
+    """y = base + s * (drop(x) A^T) B^T."""
+    ct = compute_dtype(x)
+    xd = apply_dropout(x.to(ct), dropout_p, seed, member_stream(0))
+    delta = scaling * ((xd @ A.to(ct).T) @ B.to(ct).T)
+    return _add_base(delta, base, x)
+
+
+def route(logits, *, task_probs=None, alpha=None, kind="token", top_k=None, renorm="softmax", num_tokens=None):
+    """(p_tok, gates): p_tok = softmax(logits); p mixes in the task probabilities per SPEC 3.3; gates per SPEC 3.4."""
+    p_tok = None
+    if logits is not None:
+        ct = compute_dtype(logits)
+        p_tok = torch.softmax(logits.to(ct), dim=-1)
+        num_tokens = logits.shape[0]
+    if kind == "token":
+        p = p_tok
+    else:
+        ct = compute_dtype(task_probs)
+        p_task = task_probs.to(ct)[sequence_index(num_tokens, task_probs.shape[0], task_probs.device)]
+        if kind == "task":
+            p = p_task
+        else:
+            a = torch.sigmoid(alpha.reshape(()).to(ct))
+            p = (1 - a) * p_tok.to(ct) + a * p_task
+    return p_tok, _gates(p, top_k, renorm)
+
+
+def _gates(p, top_k, renorm):
+    if top_k is None:
+        return p
+    gates = torch.zeros_like(p)
+    for t in range(p.shape[0]):  # per token: pick k experts, renormalise only them
+        vals, idx = torch.topk(p[t], top_k)
+        weights = torch.softmax(vals, dim=0) if renorm == "softmax" else vals / vals.sum()
+        gates[t] = gates[t].index_put((idx,), weights)
+    return gates
+
+
+def routed_group(
+    x, members_A: Sequence[torch.Tensor], members_B: Sequence[torch.Tensor], scaling, *, shape,
+    router_weight=None, router_bias=None, router_logits=None, task_probs=None, alpha=None,
+    kind="token", top_k=None, renorm="softmax", dropout_p=0.0, seed=0, bases=None,
+) -> GroupOutput:
+    """y_m = base_m + s * sum_e g_e * (drop_m(x) A_{m,e}^T) B_{m,e}^T with g from the group's one router."""
+    ct = compute_dtype(x)
+    E, r = shape.num_experts, shape.rank
+    logits = router_logits
+    if kind != "task" and router_logits is None:
+        xr = apply_dropout(x.to(ct), dropout_p, seed, ROUTER_STREAM)
+        logits = xr @ router_weight.to(ct).T
+        if router_bias is not None:
+            logits = logits + router_bias.to(ct)
+    p_tok, gates = route(logits, task_probs=task_probs, alpha=alpha, kind=kind, top_k=top_k, renorm=renorm,
+                         num_tokens=x.shape[0])
+    outputs = []
+    for m, (A, B) in enumerate(zip(members_A, members_B)):
+        xd = apply_dropout(x.to(ct), dropout_p, seed, member_stream(m))
+        A, B = A.to(ct), B.to(ct)
+        delta = torch.zeros(x.shape[0], B.shape[0], dtype=ct, device=x.device)
+        for e in range(E):
+            A_e = A if shape.hydra else A[e * r:(e + 1) * r]
+            B_e = B[:, e * r:(e + 1) * r]
+            delta = delta + gates[:, e:e + 1].to(ct) * ((xd @ A_e.T) @ B_e.T)
+        outputs.append(_add_base(scaling * delta, None if bases is None else bases[m], x))
+    return GroupOutput(outputs, logits, p_tok, gates)
+
+
+def _add_base(delta, base, x):
+    if base is None:
+        return delta.to(x.dtype)
+    return (base.to(delta.dtype) + delta).to(base.dtype)
+
+
+def _entropy(q):
+    return -(q * torch.log(q + 1e-9)).sum(-1)
+
+
+def gjs_loss(p, gamma_c, gamma_b, mask=None):
+    """relu((gamma_b - gamma_c) lnE - (min(H(m), gamma_b lnE) - mean_n max(H(p_n), gamma_c lnE))) / lnE."""
+    E = p.shape[-1]
+    if E == 1:
+        return p.new_zeros(())  # one expert: nothing to balance, and lnE = 0
+    ln_e = math.log(E)
+    p = p.reshape(-1, E)
+    mask = torch.ones(p.shape[0], dtype=p.dtype, device=p.device) if mask is None else mask.reshape(-1).to(p.dtype)
+    n = mask.sum()
+    mean = torch.zeros(E, dtype=p.dtype, device=p.device)
+    certainty = p.new_zeros(())
+    for t in range(p.shape[0]):
+        mean = mean + mask[t] * p[t]
+        certainty = certainty + mask[t] * torch.clamp(_entropy(p[t]), min=gamma_c * ln_e)
+    balance = torch.clamp(_entropy(mean / n), max=gamma_b * ln_e)
+    return torch.relu((gamma_b - gamma_c) * ln_e - (balance - certainty / n)) / ln_e
+
+
+def load_balancing_loss(p, gates, top_k=None, mask=None):
+    """E * sum_i prop_i * freq_i: prop = masked mean of p, freq = masked fraction of tokens with gate_i != 0, over k."""
+    E = p.shape[-1]
+    k = E if top_k is None else top_k
+    p, gates = p.reshape(-1, E), gates.reshape(-1, E)
+    mask = torch.ones(p.shape[0], dtype=p.dtype, device=p.device) if mask is None else mask.reshape(-1).to(p.dtype)
+    n = mask.sum()
+    loss = p.new_zeros(())
+    for i in range(E):
+        prop = (mask * p[:, i]).sum() / n
+        freq = (mask * (gates[:, i] != 0).to(p.dtype)).sum() / n / k
+        loss = loss + prop * freq
+    return E * loss
+
+
+def router_z_loss(logits, mask=None):
+    """Masked mean over tokens of logsumexp(logits)^2."""
+    z = torch.logsumexp(logits.reshape(-1, logits.shape[-1]), dim=-1) ** 2
+    if mask is None:
+        return z.mean()
+    mask = mask.reshape(-1).to(z.dtype)
+    return (z * mask).sum() / mask.sum()

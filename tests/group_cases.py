@@ -1,0 +1,122 @@
+"""Random routed-group problems and a helper that runs one on a backend and collects values and gradients."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+import hmora_kernels as hk
+
+
+@dataclass(frozen=True)
+class GroupCase:
+    """One routed-group problem; `why` says what the case exists to catch."""
+
+    why: str
+    T: int
+    d_in: int
+    d_outs: Sequence[int]
+    E: int
+    r: int
+    hydra: bool = False
+    kind: str = "token"
+    top_k: Optional[int] = None
+    renorm: str = "softmax"
+    n_seq: int = 1
+    dtype: torch.dtype = torch.float32
+    param_dtype: Optional[torch.dtype] = None  # None: parameters in the activation dtype
+    dropout_p: float = 0.0
+    with_bases: bool = True
+
+    def __str__(self) -> str:
+        return self.why
+
+
+@dataclass
+class GroupProblem:
+    x: torch.Tensor
+    members_A: list
+    members_B: list
+    router_weight: Optional[torch.Tensor]
+    router_bias: Optional[torch.Tensor]
+    task_probs: Optional[torch.Tensor]
+    alpha: Optional[torch.Tensor]
+    bases: Optional[list]
+    scaling: float = 2.0
+    grad_weights: dict = field(default_factory=dict)
+
+    def leaves(self) -> dict:
+        named = {"x": self.x, "router_weight": self.router_weight, "router_bias": self.router_bias,
+                 "task_probs": self.task_probs, "alpha": self.alpha}
+        named.update({f"A{m}": A for m, A in enumerate(self.members_A)})
+        named.update({f"B{m}": B for m, B in enumerate(self.members_B)})
+        return {k: v for k, v in named.items() if v is not None}
+
+
+def make_problem(case: GroupCase, seed: int = 0) -> GroupProblem:
+    """Inputs drawn in float64 and rounded to the case's dtypes (so the float64 reference sees the same values)."""
+    g = torch.Generator().manual_seed(seed)
+    pdt = case.param_dtype or case.dtype
+
+    def rand(*shape, dtype, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+    rows_A = case.r if case.hydra else case.E * case.r
+    router = case.kind != "task"
+    task = case.kind != "token"
+    p_task = torch.softmax(rand(case.n_seq, case.E, dtype=torch.float64, scale=2.0), -1).float() if task else None
+    problem = GroupProblem(
+        x=rand(case.T, case.d_in, dtype=case.dtype),
+        members_A=[rand(rows_A, case.d_in, dtype=pdt, scale=case.d_in ** -0.5) for _ in case.d_outs],
+        members_B=[rand(d, case.E * case.r, dtype=pdt, scale=0.5) for d in case.d_outs],
+        router_weight=rand(case.E, case.d_in, dtype=torch.float32, scale=2 * case.d_in ** -0.5) if router else None,
+        router_bias=rand(case.E, dtype=torch.float32, scale=0.1) if router else None,
+        task_probs=p_task,
+        alpha=torch.tensor(0.3) if case.kind == "hybrid" else None,
+        bases=[rand(case.T, d, dtype=case.dtype) for d in case.d_outs] if case.with_bases else None,
+    )
+    # fixed random weights turn every output into a scalar loss whose gradient reaches every input
+    problem.grad_weights = {
+        "outputs": [rand(case.T, d, dtype=torch.float64) for d in case.d_outs],
+        "p_tok": rand(case.T, case.E, dtype=torch.float64),
+        "gates": rand(case.T, case.E, dtype=torch.float64),
+    }
+    return problem
+
+
+def run_group(case: GroupCase, problem: GroupProblem, backend: str, *, as_float64: bool = False, seed: int = 7):
+    """Forward and backward of one backend; returns ({name: value}, {name: grad}) detached.
+
+    as_float64 runs on float64 copies of the same inputs: that is how the reference gives the exact answer.
+    """
+    def prep(t):
+        if t is None:
+            return None
+        t = t.detach().double() if as_float64 else t.detach().clone()
+        return t.requires_grad_(True)
+
+    leaves = {k: prep(v) for k, v in problem.leaves().items()}
+    bases = None
+    if problem.bases is not None:
+        bases = [b.detach().double() if as_float64 else b.detach().clone() for b in problem.bases]
+    n = len(problem.members_A)
+    out = hk.routed_group(
+        leaves["x"], [leaves[f"A{m}"] for m in range(n)], [leaves[f"B{m}"] for m in range(n)], problem.scaling,
+        router_weight=leaves.get("router_weight"), router_bias=leaves.get("router_bias"),
+        task_probs=leaves.get("task_probs"), alpha=leaves.get("alpha"), kind=case.kind, top_k=case.top_k,
+        renorm=case.renorm, dropout_p=case.dropout_p, seed=seed, bases=bases, backend=backend,
+    )
+    w = problem.grad_weights
+    loss = sum((y.double() * wy).sum() for y, wy in zip(out.outputs, w["outputs"]))
+    loss = loss + (out.gates.double() * w["gates"]).sum()
+    if out.p_tok is not None:
+        loss = loss + (out.p_tok.double() * w["p_tok"]).sum()
+    loss.backward()
+    values = {f"y{m}": y.detach() for m, y in enumerate(out.outputs)}
+    values["gates"] = out.gates.detach()
+    if out.p_tok is not None:
+        values["p_tok"] = out.p_tok.detach()
+        values["logits"] = out.logits.detach()
+    grads = {k: v.grad for k, v in leaves.items()}
+    return values, grads

@@ -1,0 +1,29 @@
+"""One tolerance table per activation dtype, for comparing a backend against the float64 reference.
+
+The error measure is max|actual - expected| / max|expected| over the tensor (a normalised max error), so one number
+per dtype serves values and gradients of every scale. The numbers come from the dtype's unit roundoff times the
+length of the longest reduction in the tests (d_in or T up to ~1000), with headroom:
+fp32 2^-24 * ~1000 -> 1e-5; fp16 2^-11 -> 5e-3; bf16 2^-8 -> 3e-2.
+"""
+import torch
+
+TOLERANCES = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-5,
+    torch.float16: 5e-3,
+    torch.bfloat16: 3e-2,
+}
+
+
+def normalised_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.detach().double(), expected.detach().double()
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    diff = (actual - expected).abs().max().item() if expected.numel() else 0.0
+    return diff / scale if scale > 0 else diff
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    err = normalised_error(actual, expected)
+    tol = TOLERANCES[dtype]
+    assert err <= tol, f"{what}: normalised max error {err:.3g} > {tol:g} ({dtype})"

@@ -1,0 +1,74 @@
+"""Fused Triton backend of the routed-group op and of plain LoRA (same signatures as `hmora_kernels.reference`).
+
+Forward per routed group: 2 launches (shrink_route_kernel: x read once for the router and every member,
+routing in registers; expand_kernel: y_m = base_m + s (g (x) h_m) B_m^T for all members). Backward: 3 launches
+(rank_grad_kernel, input_grad_kernel, b_grad_kernel) plus one memset when gradients may use atomics, i.e.
+unless torch.use_deterministic_algorithms(True) is on. Runs on CUDA tensors, or on CPU tensors when
+TRITON_INTERPRET=1 was set before triton was imported.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+
+from .. import torch_backend
+from ..types import GroupOutput
+from .autograd import routed_group_forward
+from .plan import check_limits
+from .shrink_route import shrink_route_kernel
+
+__all__ = ["lora", "route", "routed_group"]
+
+
+def _interpreted() -> bool:
+    """Whether the kernels were decorated under TRITON_INTERPRET=1 (the env var is read at decoration time)."""
+    return not isinstance(shrink_route_kernel, triton.runtime.JITFunction)
+
+
+def _check_device(x: torch.Tensor) -> None:
+    if x.device.type != "cuda" and not _interpreted():
+        raise RuntimeError(
+            f"backend='triton' needs CUDA tensors, or set TRITON_INTERPRET=1 before importing triton; "
+            f"got tensors on {x.device} (use backend='torch' on CPU)"
+        )
+
+
+def route(logits, *, task_probs=None, alpha=None, kind="token", top_k=None, renorm="softmax", num_tokens=None):
+    """Delegates to `hmora_kernels.torch_backend.route`: standalone routing of a (T, E) tensor is a few tiny
+    element-wise ops; the fused path does routing in registers inside `routed_group`."""
+    return torch_backend.route(logits, task_probs=task_probs, alpha=alpha, kind=kind, top_k=top_k, renorm=renorm,
+                               num_tokens=num_tokens)
+
+
+def routed_group(
+    x, members_A, members_B, scaling, *, shape, router_weight=None, router_bias=None, router_logits=None,
+    task_probs=None, alpha=None, kind="token", top_k=None, renorm="softmax", dropout_p=0.0, seed=0, bases=None,
+) -> GroupOutput:
+    """y_m = base_m + s * sum_e g_e (drop_m(x) A_{m,e}^T) B_{m,e}^T with g from the group's router, fused."""
+    _check_device(x)
+    check_limits(shape.num_experts, shape.rank, len(members_A))
+    if kind == "task":
+        router_weight = router_bias = router_logits = None
+    out = routed_group_forward(
+        x, list(members_A), list(members_B), list(bases or []), router_weight, router_bias, router_logits,
+        task_probs, alpha, float(scaling), shape.num_experts, shape.hydra, kind, top_k or 0, renorm,
+        float(dropout_p), int(seed),
+    )
+    M = len(members_A)
+    logits, p_tok, gates = out[M:M + 3]
+    if kind == "task":
+        logits = p_tok = None
+    elif router_logits is not None:
+        logits = router_logits  # as the reference: the given logits are returned as they are
+    return GroupOutput(list(out[:M]), logits, p_tok, gates)
+
+
+def lora(x, A, B, scaling, *, dropout_p=0.0, seed=0, base=None):
+    """y = base + s * (drop(x) A^T) B^T: the routed group with one member, one expert and no router."""
+    _check_device(x)
+    check_limits(1, A.shape[0], 1)
+    out = routed_group_forward(
+        x, [A], [B], [] if base is None else [base], None, None, None, None, None, float(scaling), 1, False,
+        "none", 0, "softmax", float(dropout_p), int(seed),
+    )
+    return out[0]

@@ -1,0 +1,66 @@
+"""Forward kernel 2 of a routed group: y_m = base_m + s * (g (x) h_m) B_m^T for every member in one launch.
+
+The (BM, E*r) operand g (x) h_m (gates broadcast over each expert's rank block) is built in registers, so the
+GEMM has K = E*r >= 16 even when r = 4; it multiplies gates, so it runs in full fp32 (no TF32).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .launch import launch
+from .plan import GroupPlan
+from .tiles import rank_tile
+
+
+@triton.jit
+def expand_kernel(
+    h_ptr, gates_ptr, b_ptrs, base_ptrs, y_ptrs, d_outs, block_starts,
+    T, E, HR, r, scaling,
+    M: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, KE_PAD: tl.constexpr,
+    HYDRA: tl.constexpr, GATED: tl.constexpr, HAS_BASE: tl.constexpr,
+):
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    row_ok = rows < T
+    rows64 = rows.to(tl.int64)
+    pid_n = tl.program_id(1)
+    ck = tl.arange(0, KE_PAD)
+    KE = E * r
+    for m in tl.static_range(M):
+        if (pid_n >= block_starts[m]) & (pid_n < block_starts[m + 1]):
+            d_out = d_outs[m]
+            n = (pid_n - block_starts[m]) * BN + tl.arange(0, BN)
+            n_ok = n < d_out
+            gated = rank_tile(h_ptr, gates_ptr, rows64, row_ok, ck, M * HR, m * HR, E, KE, r, HYDRA, GATED)
+            b_t = tl.load(b_ptrs[m] + n[None, :] * KE + ck[:, None], mask=n_ok[None, :] & (ck < KE)[:, None],
+                          other=0.0).to(tl.float32)
+            y = tl.dot(gated, b_t, input_precision="ieee") * scaling
+            out = rows64[:, None] * d_out + n[None, :]
+            ok = row_ok[:, None] & n_ok[None, :]
+            if HAS_BASE:
+                y += tl.load(base_ptrs[m] + out, mask=ok, other=0.0).to(tl.float32)
+            tl.store(y_ptrs[m] + out, y.to(y_ptrs[m].dtype.element_ty), mask=ok)
+
+
+def member_block_starts(d_outs, block_cols):
+    """Program-id ranges along the d_out grid axis: member m owns [starts[m], starts[m + 1])."""
+    starts = [0]
+    for d in d_outs:
+        starts.append(starts[-1] + triton.cdiv(d, block_cols))
+    return tuple(starts)
+
+
+def run_expand(plan: GroupPlan, h, gates, Bs, bases, out_dtype):
+    """One output per member: base + s * (g (x) h) B^T, or the delta alone when bases is None."""
+    blocks = plan.output_blocks
+    device = h.device
+    ys = tuple(torch.empty(plan.T, d, dtype=out_dtype, device=device) for d in plan.d_outs)
+    starts = member_block_starts(plan.d_outs, blocks.cols)
+    args = dict(
+        h_ptr=h, gates_ptr=h if gates is None else gates, b_ptrs=tuple(Bs),
+        base_ptrs=ys if bases is None else tuple(bases), y_ptrs=ys, d_outs=plan.d_outs, block_starts=starts,
+        T=plan.T, E=plan.E, HR=plan.HR, r=plan.r, scaling=plan.scaling,
+    )
+    constexprs = dict(M=plan.M, BM=blocks.rows, BN=blocks.cols, KE_PAD=plan.KE_PAD, HYDRA=plan.hydra,
+                      GATED=gates is not None, HAS_BASE=bases is not None)
+    launch(expand_kernel, (triton.cdiv(plan.T, blocks.rows), starts[-1]), args, constexprs, blocks.num_warps)
+    return list(ys)

@@ -1,0 +1,128 @@
+"""What one routed-group launch sequence needs to know: shapes, paddings, block sizes and routing flags.
+
+Block sizes come from a fixed rule (two tiers by register demand), not from autotuning, so the interpreter,
+the GPU and the ahead-of-time compile check all see the same configurations.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Tuple
+
+# Limits of the kernels; above them the caller gets a ValueError that names backend='torch'.
+MAX_RANK_WIDTH = 128   # E * r: width of the gate-scaled rank block kept in registers
+MAX_EXPERTS = 64       # E: router logits and routing live in one register tile
+MAX_MEMBERS = 4        # members sharing one x and one router (q/k/v is 3)
+
+KIND_CODES = {"token": 0, "task": 1, "hybrid": 2, "none": 3}  # "none": plain LoRA, no router, gates = 1
+ROUTER_NONE, ROUTER_WEIGHT, ROUTER_LOGITS = 0, 1, 2           # where the logits come from
+
+
+def padded(n: int) -> int:
+    """tl.dot needs every dimension >= 16 and a power of two."""
+    return max(16, 1 << (max(n, 1) - 1).bit_length())
+
+
+@dataclass(frozen=True)
+class Blocks:
+    rows: int        # BM: tokens per program
+    cols: int        # BK / BN: d_in or d_out columns per step
+    num_warps: int
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    T: int
+    d_in: int
+    d_outs: Tuple[int, ...]
+    E: int
+    r: int
+    hydra: bool
+    kind: str
+    router: int          # ROUTER_NONE / ROUTER_WEIGHT / ROUTER_LOGITS
+    has_bias: bool
+    top_k: int           # 0: soft routing
+    renorm_softmax: bool
+    dropout_p: float
+    seed: int
+    num_sequences: int
+    scaling: float
+    deterministic: bool
+
+    @property
+    def M(self) -> int:
+        return len(self.d_outs)
+
+    @property
+    def HR(self) -> int:
+        """Width of one member's rank activations h: r for Hydra, E*r otherwise."""
+        return self.r if self.hydra else self.E * self.r
+
+    @property
+    def KE(self) -> int:
+        """Width of the gate-scaled operand of the expand GEMM (columns of B): E*r."""
+        return self.E * self.r
+
+    @property
+    def R_PAD(self) -> int:
+        return padded(self.HR)
+
+    @property
+    def KE_PAD(self) -> int:
+        return padded(self.KE)
+
+    @property
+    def E_PAD(self) -> int:
+        return padded(self.E)
+
+    @property
+    def computes_logits(self) -> bool:
+        return self.router == ROUTER_WEIGHT
+
+    @property
+    def kind_code(self) -> int:
+        return KIND_CODES[self.kind]
+
+    @property
+    def seq_len(self) -> int:
+        return self.T // self.num_sequences
+
+    @property
+    def wide(self) -> bool:
+        """The register-heavy tier: all members' rank accumulators together exceed 128 fp32 columns."""
+        return self.M * self.R_PAD > 128 or self.KE_PAD > 64
+
+    @property
+    def blocks(self) -> Blocks:
+        return Blocks(rows=32, cols=32, num_warps=8) if self.wide else Blocks(rows=64, cols=32, num_warps=4)
+
+    @property
+    def output_blocks(self) -> Blocks:
+        """Tiles over (T, d_out): the expand GEMM and the B gradient."""
+        return Blocks(rows=64, cols=64, num_warps=4) if self.KE_PAD <= 64 else Blocks(rows=32, cols=64, num_warps=4)
+
+    def token_splits(self, column_programs: int, block_rows: int) -> Tuple[int, int]:
+        """(splits, tokens per split) of a weight-gradient reduction over tokens: one split when deterministic
+        (plain stores), else enough programs for ~4 waves of a 132-SM GPU (fp32 atomic adds into zeroed buffers)."""
+        splits = 1
+        if not self.deterministic:
+            splits = max(1, min(-(-self.T // block_rows), -(-4 * 132 // column_programs)))
+        per_split = -(-(-(-self.T // splits)) // block_rows) * block_rows
+        return -(-self.T // per_split), per_split
+
+    @property
+    def stream_seed(self) -> int:
+        """Low 32 bits of the seed; stream s adds s << 32 in the kernels (see hmora_kernels.dropout.stream_seed)."""
+        return self.seed & 0xFFFFFFFF
+
+
+def check_limits(E: int, r: int, num_members: int) -> None:
+    fix = "use backend='torch' (same signature) for this layer"
+    if E * r > MAX_RANK_WIDTH:
+        raise ValueError(f"triton backend: E*r = {E}*{r} = {E * r} exceeds the kernels' limit {MAX_RANK_WIDTH}; {fix}")
+    if E > MAX_EXPERTS:
+        raise ValueError(f"triton backend: E = {E} experts exceeds the kernels' limit {MAX_EXPERTS}; {fix}")
+    if num_members > MAX_MEMBERS:
+        raise ValueError(
+            f"triton backend: {num_members} members share one router, the kernels take at most {MAX_MEMBERS}; "
+            f"split the group or {fix}"
+        )

@@ -1,0 +1,66 @@
+"""`hmora-bench`: run a suite, print the tables, write CSV/JSON and PNG plots.
+
+    hmora-bench                      # default suite (a few minutes on 2 CPU cores)
+    hmora-bench --suite full --out bench-out
+On a machine without CUDA the triton kernels run under the Triton interpreter (TRITON_INTERPRET=1 is set
+before anything imports them), which is what makes their loads and stores countable.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Optional
+
+
+def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="hmora-bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--suite", default="default", help="quick | default | full (see benchmarks.suites)")
+    parser.add_argument("--out", default="bench-out", help="directory for results.csv, results.json and the PNGs")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repetitions per point (the fastest is kept)")
+    parser.add_argument("--no-plots", action="store_true", help="skip the matplotlib PNGs")
+    return parser.parse_args(argv)
+
+
+def _set_interpreter_unless_cuda() -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parse(argv)
+    _set_interpreter_unless_cuda()  # before benchmarks.measure imports the kernels
+    from tqdm import tqdm
+
+    from . import report
+    from .measure import measure
+    from .suites import SUITES
+
+    if args.suite not in SUITES:
+        print(f"hmora-bench: --suite expected one of {sorted(SUITES)}, got {args.suite!r}", file=sys.stderr)
+        return 2
+    jobs = [(case, impl) for case in SUITES[args.suite] for impl in case.implementations]
+    rows = []
+    for case, impl in tqdm(jobs, desc=f"hmora-bench {args.suite}", unit="run"):
+        for row in measure(case.workload, impl, memory=case.memory, timing=case.timing, repeats=args.repeats):
+            rows.append({"section": case.section, **row.as_dict()})
+    rows = report.derive(rows)
+
+    os.makedirs(args.out, exist_ok=True)
+    report.write_csv(rows, os.path.join(args.out, "results.csv"))
+    report.write_json(rows, os.path.join(args.out, "results.json"), args.suite)
+    print(report.tables(rows))
+    written = [os.path.join(args.out, name) for name in ("results.csv", "results.json")]
+    if not args.no_plots:
+        for plot, name in ((report.plot_scaling, "scaling_vs_tokens.png"), (report.plot_speedup, "speedup_vs_er.png")):
+            path = plot(rows, os.path.join(args.out, name))
+            if path:
+                written.append(path)
+    print("\nwrote " + ", ".join(written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

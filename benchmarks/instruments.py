@@ -1,0 +1,305 @@
+"""Measuring instruments: each one counts one thing and says how it counted it.
+
+- `SavedBytes`: bytes autograd keeps for backward, from `saved_tensors_hooks`, unique storages,
+  storages of the weights excluded (they are resident anyway).
+- `OpTraffic`: a `TorchDispatchMode` that counts aten operators and sums the bytes of their input and
+  output tensors (what an unfused implementation moves through memory, one operator at a time).
+- `KernelTraffic`: wraps the Triton interpreter's load/store/atomic primitives and its grid launcher,
+  counting per kernel launch the bytes of every unmasked element loaded and stored, and the unique ones.
+- `cpu_wall_time` and `gpu_time`: wall time; GPU time only where a CUDA device exists.
+"""
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Optional
+
+import numpy as np
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+# ---------------------------------------------------------------- saved-for-backward bytes
+
+
+class SavedBytes(contextlib.AbstractContextManager):
+    """Unique storages packed for backward while active, minus the storages of `exclude` (the weights).
+
+    with SavedBytes(exclude=weights) as saved: loss = step(); then saved.bytes, saved.count.
+    """
+
+    def __init__(self, exclude: Iterable[torch.Tensor] = ()):
+        self._excluded = {t.untyped_storage().data_ptr() for t in exclude}
+        self._storages: Dict[int, int] = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda packed: packed)
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in self._excluded:
+            self._storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    def __enter__(self):
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._hooks.__exit__(*exc)
+
+    @property
+    def bytes(self) -> int:
+        return sum(self._storages.values())
+
+    @property
+    def count(self) -> int:
+        return len(self._storages)
+
+
+# ---------------------------------------------------------------- operator traffic (TorchDispatchMode)
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes of the distinct elements a tensor view covers (broadcast dimensions, stride 0, count once)."""
+    distinct = 1
+    for size, stride in zip(t.shape, t.stride()):
+        if stride != 0:
+            distinct *= size
+    return distinct * t.element_size()
+
+
+# Allocations and re-labelled views: no memory traffic and no kernel launch.
+_NO_DATA_MOVED = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "_unsafe_view"}
+
+
+class OpTraffic(TorchDispatchMode):
+    """Aten operators run while active: their count and the bytes of their input + output tensors.
+
+    View operators (outputs alias inputs: view, t, expand, slice, detach, ...) and bare allocations
+    move no data and launch nothing, so they are not counted. `paused` (set by `KernelTraffic`) skips the
+    bookkeeping ops the Triton interpreter runs around each kernel launch.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+        self.bytes = 0
+        self.per_op: Dict[str, int] = {}
+        self.paused = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if not (self.paused or func.is_view or name in _NO_DATA_MOVED):
+            tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
+            moved = sum(tensor_bytes(t) for t in tensors)
+            self.ops += 1
+            self.bytes += moved
+            self.per_op[name] = self.per_op.get(name, 0) + moved
+        return out
+
+
+# ---------------------------------------------------------------- kernel traffic (Triton interpreter)
+
+
+@dataclass
+class KernelLaunch:
+    """One kernel launch under the interpreter: bytes of unmasked elements loaded/stored, issued and unique."""
+
+    kernel: str
+    programs: int = 0
+    loaded: int = 0
+    stored: int = 0
+    unique_loaded: int = 0
+    unique_stored: int = 0
+    # element addresses touched so far, per element size: {itemsize: [arrays]}
+    _load_addrs: Dict[int, List[np.ndarray]] = field(default_factory=dict, repr=False)
+    _store_addrs: Dict[int, List[np.ndarray]] = field(default_factory=dict, repr=False)
+
+    @property
+    def traffic(self) -> int:
+        return self.loaded + self.stored
+
+    @property
+    def unique_traffic(self) -> int:
+        return self.unique_loaded + self.unique_stored
+
+    def close(self, programs: int) -> None:
+        self.programs = programs
+        self.unique_loaded, self.unique_stored = _unique_bytes(self._load_addrs), _unique_bytes(self._store_addrs)
+        self._load_addrs, self._store_addrs = {}, {}
+
+
+def _record(addrs: Dict[int, List[np.ndarray]], ptrs: np.ndarray, mask: np.ndarray, itemsize: int) -> int:
+    """Keep the addresses of the unmasked elements; return their bytes."""
+    shape = np.broadcast_shapes(ptrs.shape, mask.shape)
+    touched = np.broadcast_to(ptrs, shape)[np.broadcast_to(mask, shape)]
+    addrs.setdefault(itemsize, []).append(touched.astype(np.uint64))
+    return touched.size * itemsize
+
+
+def _unique_bytes(addrs: Dict[int, List[np.ndarray]]) -> int:
+    return sum(int(np.unique(np.concatenate(chunks)).size) * itemsize for itemsize, chunks in addrs.items())
+
+
+def _itemsize(ptrs) -> int:
+    from triton.runtime.interpreter import _get_np_dtype
+
+    return np.dtype(_get_np_dtype(ptrs.get_element_ty())).itemsize
+
+
+class KernelTraffic(contextlib.AbstractContextManager):
+    """Counts, per Triton kernel launch run by the interpreter (TRITON_INTERPRET=1), the bytes of every
+    unmasked element loaded and stored (atomics count as one load and one store).
+
+    `loaded`/`stored` are what the kernel issues (a weight re-read by every program counts every time);
+    `unique_*` count each byte address once per launch (what DRAM would see if every re-read hit cache).
+    Pass an `OpTraffic` to pause its operator counting while a kernel runs (the interpreter copies
+    arguments with aten ops that a GPU launch does not run).
+    """
+
+    def __init__(self, op_traffic: Optional[OpTraffic] = None):
+        self.launches: List[KernelLaunch] = []
+        self._current: Optional[KernelLaunch] = None
+        self._op_traffic = op_traffic
+        self._saved = []
+
+    def __enter__(self):
+        from triton.runtime import interpreter
+
+        builder, executor = interpreter.InterpreterBuilder, interpreter.GridExecutor
+        counter = self
+        originals = {
+            (builder, "create_masked_load"): builder.create_masked_load,
+            (builder, "create_masked_store"): builder.create_masked_store,
+            (builder, "create_atomic_rmw"): builder.create_atomic_rmw,
+            (builder, "create_atomic_cas"): builder.create_atomic_cas,
+            (executor, "__call__"): executor.__call__,
+        }
+
+        def masked_load(self, ptrs, mask, other, cache_policy, is_volatile):
+            counter._load(ptrs, mask.data)
+            return originals[(builder, "create_masked_load")](self, ptrs, mask, other, cache_policy, is_volatile)
+
+        def masked_store(self, ptrs, value, mask, cache_policy):
+            counter._store(ptrs, mask.data)
+            return originals[(builder, "create_masked_store")](self, ptrs, value, mask, cache_policy)
+
+        def atomic_rmw(self, rmw_op, ptr, val, mask, sem, scope):
+            counter._load(ptr, mask.data)
+            counter._store(ptr, mask.data)
+            return originals[(builder, "create_atomic_rmw")](self, rmw_op, ptr, val, mask, sem, scope)
+
+        def atomic_cas(self, ptr, cmp, val, sem, scope):
+            everything = np.ones(ptr.data.shape, dtype=bool)
+            counter._load(ptr, everything)
+            counter._store(ptr, everything)
+            return originals[(builder, "create_atomic_cas")](self, ptr, cmp, val, sem, scope)
+
+        def launch(self, *args, **kwargs):
+            counter._begin(KernelLaunch(getattr(self.fn, "__name__", "kernel")))
+            try:
+                return originals[(executor, "__call__")](self, *args, **kwargs)
+            finally:
+                counter._end()
+
+        replacements = {
+            (builder, "create_masked_load"): masked_load,
+            (builder, "create_masked_store"): masked_store,
+            (builder, "create_atomic_rmw"): atomic_rmw,
+            (builder, "create_atomic_cas"): atomic_cas,
+            (executor, "__call__"): launch,
+        }
+        for (owner, name), replacement in replacements.items():
+            setattr(owner, name, replacement)
+        self._saved = list(originals.items())
+        return self
+
+    def __exit__(self, *exc):
+        for (owner, name), original in self._saved:
+            setattr(owner, name, original)
+        self._saved = []
+        return None
+
+    def _begin(self, launch: KernelLaunch) -> None:
+        if self._current is not None:
+            raise RuntimeError(f"nested kernel launch {launch.kernel} inside {self._current.kernel}")
+        self._current = launch
+        if self._op_traffic is not None:
+            self._op_traffic.paused = True
+
+    def _end(self) -> None:
+        from triton.runtime.interpreter import interpreter_builder
+
+        self._current.close(programs=int(np.prod(interpreter_builder.grid_dim)))
+        self.launches.append(self._current)
+        self._current = None
+        if self._op_traffic is not None:
+            self._op_traffic.paused = False
+
+    def _load(self, ptrs, mask: np.ndarray) -> None:
+        launch = self._require_launch()
+        launch.loaded += _record(launch._load_addrs, ptrs.data, mask, _itemsize(ptrs))
+
+    def _store(self, ptrs, mask: np.ndarray) -> None:
+        launch = self._require_launch()
+        launch.stored += _record(launch._store_addrs, ptrs.data, mask, _itemsize(ptrs))
+
+    def _require_launch(self) -> KernelLaunch:
+        if self._current is None:
+            raise RuntimeError("a Triton load/store ran outside a kernel launch; is TRITON_INTERPRET=1 set?")
+        return self._current
+
+    def total(self, attribute: str) -> int:
+        return sum(getattr(launch, attribute) for launch in self.launches)
+
+
+# ---------------------------------------------------------------- time
+
+
+def no_setup() -> None:
+    return None
+
+
+def cpu_wall_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1,
+                  setup: Callable[[], object] = no_setup) -> float:
+    """Fastest wall-clock seconds of fn() over `repeats` runs after `warmup` runs; setup() runs untimed before each.
+
+    The minimum, not the mean: on a shared machine the noise only ever adds time.
+    """
+    samples = []
+    for i in range(warmup + repeats):
+        setup()
+        start = time.perf_counter()
+        fn()
+        if i >= warmup:
+            samples.append(time.perf_counter() - start)
+    return min(samples)
+
+
+def gpu_time(fn: Callable[[], object], repeats: int = 20, setup: Callable[[], object] = no_setup) -> Optional[float]:
+    """Median GPU seconds of fn() between two CUDA events, setup() untimed before each; None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    samples = []
+    for i in range(repeats + 2):  # two warm-up runs
+        setup()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        if i >= 2:
+            samples.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(samples)
+
+
+def gpu_peak_bandwidth() -> Optional[float]:
+    """Theoretical DRAM bandwidth of CUDA device 0 in bytes/s (2 x memory clock x bus width), None without one."""
+    if not torch.cuda.is_available():
+        return None
+    from triton.runtime import driver
+
+    props = driver.active.utils.get_device_properties(torch.cuda.current_device())
+    return 2 * props["mem_clock_rate"] * 1e3 * props["mem_bus_width"] / 8

@@ -1,0 +1,164 @@
+"""The benchmark's measuring instruments, checked on operations whose bytes are known by hand."""
+import json
+import os
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from benchmarks import cli, suites
+from benchmarks.instruments import KernelTraffic, OpTraffic, SavedBytes, cpu_wall_time, tensor_bytes
+from benchmarks.suites import Case
+from benchmarks.workloads import PAPER, ModelShape, Setting, Workload, minimum_saved_bytes, minimum_traffic_bytes
+
+F32 = 4
+
+
+# ---------------------------------------------------------------- saved-for-backward bytes
+
+
+def test_saved_bytes_counts_each_saved_storage_once():
+    a = torch.randn(10, 7, requires_grad=True)
+    b = torch.randn(10, 7, requires_grad=True)
+    with SavedBytes() as saved:
+        (a * b).sum()  # mul saves both operands
+    assert (saved.count, saved.bytes) == (2, 2 * 70 * F32)
+    with SavedBytes() as saved:
+        (a * a).sum()  # the same storage saved twice is held once
+    assert (saved.count, saved.bytes) == (1, 70 * F32)
+
+
+def test_saved_bytes_excludes_weights_and_counts_views_by_storage():
+    x = torch.randn(6, 5, requires_grad=True)
+    W = torch.randn(3, 5, requires_grad=True)
+    with SavedBytes(exclude=[W]) as saved:
+        (x @ W.T).sum()  # mm saves x and W^T (a view of W's storage, excluded)
+    assert saved.bytes == 30 * F32
+    with SavedBytes() as saved:
+        torch.exp(x[:2]).sum()  # exp saves its output: a fresh (2, 5) storage
+    assert saved.bytes == 10 * F32
+
+
+# ---------------------------------------------------------------- operator traffic
+
+
+def test_op_traffic_of_a_matmul_is_its_operands_and_result():
+    a, b = torch.randn(6, 4), torch.randn(4, 3)
+    with OpTraffic() as ops:
+        a @ b
+    assert (ops.ops, ops.bytes) == (1, (24 + 12 + 18) * F32)
+
+
+def test_op_traffic_skips_views_and_counts_broadcast_operands_once():
+    a = torch.randn(8, 5)
+    row = torch.randn(5)
+    with OpTraffic() as ops:
+        a.t().reshape(40)  # a view, then a copy (a transpose cannot be flattened in place)
+    assert (ops.ops, ops.bytes) == (1, 2 * 40 * F32)
+    assert tensor_bytes(row.expand(8, 5)) == 5 * F32
+
+
+# ---------------------------------------------------------------- kernel traffic under the interpreter
+
+
+@triton.jit
+def _copy_kernel(src, dst, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    keep = offs < n
+    tl.store(dst + offs, tl.load(src + offs, mask=keep), mask=keep)
+
+
+@triton.jit
+def _reread_add_kernel(x, w, y, n, BLOCK: tl.constexpr):
+    # every program reads the whole of w (BLOCK elements) and atomically adds its x block into y
+    offs = tl.arange(0, BLOCK)
+    block = tl.program_id(0) * BLOCK + offs
+    keep = block < n
+    tl.atomic_add(y + offs, tl.load(x + block, mask=keep, other=0.0) + tl.load(w + offs), mask=offs < BLOCK)
+
+
+@pytest.mark.parametrize("n", [1000, 1024])  # a masked tail, and an exact multiple of the block
+def test_kernel_traffic_counts_unmasked_elements_of_a_copy(n):
+    src, dst = torch.randn(n), torch.empty(n)
+    with KernelTraffic() as kt:
+        _copy_kernel[(triton.cdiv(n, 128),)](src, dst, n, BLOCK=128)
+    assert torch.equal(src, dst)
+    (launch,) = kt.launches
+    assert (launch.kernel, launch.programs) == ("_copy_kernel", triton.cdiv(n, 128))
+    assert (launch.loaded, launch.stored, launch.unique_loaded, launch.unique_stored) == (n * F32,) * 4
+
+
+def test_kernel_traffic_counts_rereads_as_issued_not_unique_and_atomics_both_ways():
+    n, block, programs = 256, 64, 4
+    x, w, y = torch.randn(n), torch.randn(block), torch.zeros(block)
+    ops = OpTraffic()
+    with ops, KernelTraffic(ops) as kt:
+        _reread_add_kernel[(programs,)](x, w, y, n, BLOCK=block)
+    torch.testing.assert_close(y, x.view(programs, block).sum(0) + programs * w)
+    (launch,) = kt.launches
+    atomic = programs * block * F32  # one read and one write of y per program
+    assert launch.loaded == n * F32 + programs * block * F32 + atomic
+    assert launch.unique_loaded == n * F32 + block * F32 + block * F32
+    assert (launch.stored, launch.unique_stored) == (atomic, block * F32)
+    assert ops.ops == 0  # the interpreter's argument copies are not the program's operators
+
+
+# ---------------------------------------------------------------- minimum bytes, by hand
+
+TINY = ModelShape("tiny", hidden=8, intermediate=16, kv_out=4)
+TINY_SETTING = Setting(num_experts=2, rank=2, hydra=True, top_k=2, dropout_p=0.0)
+
+
+def test_minimum_saved_bytes_of_a_group_by_hand():
+    w = Workload(TINY, TINY_SETTING, tokens=4, scope="group")
+    x, hs, gates = 4 * 8 * F32, 3 * 4 * 2 * F32, 4 * 2 * F32
+    assert minimum_saved_bytes(w) == x + hs + gates
+
+
+def test_minimum_traffic_of_a_group_by_hand():
+    w = Workload(TINY, TINY_SETTING, tokens=4, scope="group")
+    T, d, outs, E, r = 4, 8, (8, 4, 4), 2, 2
+    x, ys, hs = T * d * F32, T * sum(outs) * F32, 3 * T * r * F32
+    weights = (E * (d + 1) + 3 * r * d + sum(outs) * E * r) * F32
+    routing = T * E * F32
+    assert minimum_traffic_bytes(w, "forward") == x + weights + 2 * ys + hs + 3 * routing
+    assert minimum_traffic_bytes(w, "backward") == ys + x + hs + routing + weights + x + weights
+    assert minimum_traffic_bytes(w, "both") == sum(minimum_traffic_bytes(w, p) for p in ("forward", "backward"))
+
+
+def test_minimum_of_a_layer_adds_its_four_adapter_ops():
+    layer = Workload(TINY, TINY_SETTING, tokens=4, scope="layer")
+    group = Workload(TINY, TINY_SETTING, tokens=4, scope="group")
+    T = 4
+    o = T * 8 * F32 + T * 2 * F32  # x and h of the o LoRA
+    gate_up = T * 8 * F32 + 2 * T * 2 * F32 + T * 2 * F32
+    down = T * 16 * F32 + T * 2 * F32
+    assert minimum_saved_bytes(layer) == minimum_saved_bytes(group) + o + gate_up + down
+
+
+# ---------------------------------------------------------------- time and the command
+
+
+def test_cpu_wall_time_runs_setup_untimed_before_every_run():
+    calls = []
+    cpu_wall_time(lambda: calls.append("run"), repeats=2, warmup=1, setup=lambda: calls.append("setup"))
+    assert calls == ["setup", "run"] * 3
+
+
+def test_hmora_bench_writes_table_csv_json_and_plots(tmp_path, monkeypatch, capsys):
+    tiny = Workload(TINY, PAPER, tokens=16, scope="layer")
+    cases = [Case("paper", tiny, ("reference", "torch", "triton"), memory=True, timing=False),
+             Case("scaling", tiny.with_tokens(32), ("reference", "torch"), memory=True, timing=False),
+             Case("speedup", tiny, ("reference", "torch"), memory=False, timing=True)]
+    monkeypatch.setitem(suites.SUITES, "tiny", cases)
+    assert cli.main(["--suite", "tiny", "--out", str(tmp_path), "--repeats", "1"]) == 0
+    payload = json.loads((tmp_path / "results.json").read_text())
+    assert payload["machine"]["torch"] == torch.__version__ and payload["machine"]["date_utc"]
+    rows = payload["rows"]
+    assert len(rows) == 3 * (3 + 2 + 2)  # forward, backward, both per implementation per case
+    reference = [r for r in rows if r["implementation"] == "reference" and r["section"] == "paper"]
+    assert all(r["traffic_vs_naive"] == 1.0 for r in reference)
+    assert (tmp_path / "results.csv").read_text().startswith("section,model")
+    assert {"scaling_vs_tokens.png", "speedup_vs_er.png"} <= set(os.listdir(tmp_path))
+    assert "Memory, traffic and launches" in capsys.readouterr().out

@@ -1,0 +1,83 @@
+"""Our checkpoint: real safetensors + JSON config, written atomically.
+
+Files: `hmora_adapter.safetensors` (adapter tensors, named relative to the base model, with the config JSON
+also in its metadata) and `hmora_config.json` (the same config, for people). The names are not PEFT's
+(`adapter_model.*` / `adapter_config.json`), so transformers never auto-loads them as a PEFT adapter.
+Each file is written to a temporary file in the same directory, flushed and fsynced, then renamed over the
+old one: a failed save leaves the last good checkpoint as it was.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import HMoRAConfig
+
+WEIGHTS_NAME = "hmora_adapter.safetensors"
+CONFIG_NAME = "hmora_config.json"
+CONFIG_METADATA_KEY = "hmora_config"
+
+
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Call write(temporary path) in path's directory, then rename over `path`; on any error remove the temp."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_adapter(model, directory) -> None:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config_json = model.hmora_config.to_json_string()
+    tensors = {name: p.detach().to("cpu").contiguous() for name, p in model.adapter_named_parameters().items()}
+    metadata = {"format": "pt", CONFIG_METADATA_KEY: config_json}
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config_json + "\n", encoding="utf-8"))
+
+
+def read_checkpoint(directory):
+    """(config, tensors) of a checkpoint directory, with clear errors for missing, corrupt or mixed files."""
+    directory = Path(directory)
+    weights, config_path = directory / WEIGHTS_NAME, directory / CONFIG_NAME
+    for path in (config_path, weights):
+        if not path.is_file():
+            hint = " (a reference-implementation checkpoint? use hmora.import_reference_checkpoint)" \
+                if (directory / "adapter_model.safetensors").exists() else ""
+            raise FileNotFoundError(f"HMoRA checkpoint file missing: {path}{hint}")
+    config = HMoRAConfig.from_json_file(config_path)
+    try:
+        tensors = load_file(str(weights))
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="pt") as f:
+            stored = (f.metadata() or {}).get(CONFIG_METADATA_KEY)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"HMoRA checkpoint {weights} is not a readable safetensors file ({err}); "
+                         f"the file is corrupt or truncated") from None
+    if stored is None or json.loads(stored) != config.to_dict():
+        raise ValueError(f"{config_path} does not match the config stored with {weights}; the checkpoint mixes "
+                         f"files of two saves")
+    return config, tensors
+
+
+def load_adapter(base_model, directory):
+    from .model import HMoRAModel
+
+    config, tensors = read_checkpoint(directory)
+    model = HMoRAModel(base_model, config)
+    model.load_adapter_state_dict(tensors, source=str(Path(directory) / WEIGHTS_NAME))
+    return model

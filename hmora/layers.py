@@ -1,0 +1,150 @@
+"""Injected layers: a plain-LoRA Linear and the members of a routed group (SPEC 2).
+
+Both wrap the frozen base `nn.Linear` as `base_layer` and own `lora_A` / `lora_B`; every B matrix is a
+parameter whose name ends in `lora_B`. The arithmetic is done by `hmora_kernels` ops, never here.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+import hmora_kernels
+
+from .config import HMoRAConfig
+from .context import RoutingState
+from .routers import Router
+
+
+def draw_seed(dropout_p: float) -> int:
+    """A fresh dropout seed from torch's default generator (0 when there is no dropout). Activation
+    checkpointing restores the generator's state before recomputing, so the recompute draws the same seed."""
+    if dropout_p == 0.0:
+        return 0
+    return int(torch.randint(0, 2**31 - 1, ()).item())
+
+
+def _kaiming_uniform(rows: int, d_in: int, device) -> nn.Parameter:
+    weight = torch.empty(rows, d_in, device=device, dtype=torch.float32)
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))  # U(-1/sqrt(d_in), 1/sqrt(d_in))
+    return nn.Parameter(weight)
+
+
+class AdapterLinear(nn.Module):
+    """Common part: the frozen base layer and the A / B matrices (fp32, on the base weight's device)."""
+
+    def __init__(self, base_layer: nn.Linear, a_rows: int, b_cols: int, config: HMoRAConfig):
+        super().__init__()
+        base_layer.requires_grad_(False)
+        self.base_layer = base_layer
+        device = base_layer.weight.device
+        self.lora_A = _kaiming_uniform(a_rows, base_layer.in_features, device)
+        self.lora_B = nn.Parameter(torch.zeros(base_layer.out_features, b_cols, device=device, dtype=torch.float32))
+        self.scaling = config.scaling
+        self.dropout_p = config.dropout
+        self.backend = config.backend
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:  # some model code reads `proj.weight.dtype`
+        return self.base_layer.weight
+
+    def active_dropout(self) -> float:
+        return self.dropout_p if self.training else 0.0
+
+
+class LoRALinear(AdapterLinear):
+    """Plain LoRA (SPEC 2.1): y = x W^T + b + s (drop(x) A^T) B^T."""
+
+    def __init__(self, base_layer: nn.Linear, config: HMoRAConfig):
+        super().__init__(base_layer, config.lora_r, config.lora_r, config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer(x)
+        p = self.active_dropout()
+        out = hmora_kernels.lora(x.reshape(-1, self.in_features), self.lora_A, self.lora_B, self.scaling,
+                                 dropout_p=p, seed=draw_seed(p), base=base.reshape(-1, self.out_features),
+                                 backend=self.backend)
+        return out.view(base.shape)
+
+    def merged_linear(self) -> nn.Linear:
+        """The base Linear with s B A folded into its weight (in the weight's dtype)."""
+        weight = self.base_layer.weight
+        with torch.no_grad():
+            delta = self.scaling * (self.lora_B @ self.lora_A)
+            weight.copy_((weight.float() + delta).to(weight.dtype))
+        return self.base_layer
+
+
+class ExpertLinear(AdapterLinear):
+    """One member of a routed group (SPEC 2.2): E LoRA experts, A_cat (E*r, d_in) or Hydra A (r, d_in),
+    B_cat (d_out, E*r). The group's owner (member 0) holds the `router`."""
+
+    def __init__(self, base_layer: nn.Linear, config: HMoRAConfig, router: Optional[Router] = None):
+        r, experts = config.lora_r, config.num_experts
+        super().__init__(base_layer, r if config.use_hydra_lora else experts * r, experts * r, config)
+        if router is not None:
+            self.router = router
+        self.group: Optional[RoutedGroup] = None  # a plain object: no module registered twice
+        self.member_index = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.group.member_output(self.member_index, x)
+
+
+class RoutedGroup:
+    """Layers sharing one router and one input (q/k/v, gate/up, or a single layer).
+
+    The first member called computes every member's output in one `routed_group` op and leaves the others
+    waiting in the forward's context, keyed by the identity of the shared input tensor.
+    """
+
+    def __init__(self, name: str, members: List[ExpertLinear], config: HMoRAConfig, state: RoutingState):
+        self.name = name
+        self.members = members
+        self.top_k = config.gate_top_k
+        self.renorm = config.renorm
+        self.state = state
+        for index, member in enumerate(members):
+            member.group, member.member_index = self, index
+
+    @property
+    def router(self) -> Router:
+        return self.members[0].router
+
+    def member_output(self, member: int, x: torch.Tensor) -> torch.Tensor:
+        context = self.state.context
+        waiting = context.take_pending(self.name, x, member)
+        if waiting is not None:
+            return waiting
+        outputs = self.compute(x)
+        context.put_pending(self.name, x, outputs, member)
+        return outputs[member]
+
+    def compute(self, x: torch.Tensor) -> List[torch.Tensor]:
+        owner, router, context = self.members[0], self.router, self.state.context
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, x.shape[-1])
+        bases = [m.base_layer(x).reshape(flat.shape[0], -1) for m in self.members]
+        p = owner.active_dropout()
+        seed = draw_seed(p)
+        task_probs = context.task_probs_for(self.name, lead[0]) if router.kind != "token" else None
+        result = hmora_kernels.routed_group(
+            flat, [m.lora_A for m in self.members], [m.lora_B for m in self.members], owner.scaling,
+            **router.token_args(flat, p, seed), task_probs=task_probs,
+            alpha=router.alpha if router.kind == "hybrid" else None, kind=router.kind, top_k=self.top_k,
+            renorm=self.renorm, dropout_p=p, seed=seed, bases=bases, backend=owner.backend,
+        )
+        experts = result.gates.shape[-1]
+        context.record(self.name, None if result.p_tok is None else result.p_tok.view(*lead, experts),
+                       result.gates.view(*lead, experts))
+        return [out.view(*lead, -1) for out in result.outputs]

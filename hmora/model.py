@@ -1,0 +1,325 @@
+"""HMoRAModel: a transformers causal LM with HMoRA layers injected, its task encoder, losses and generation."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.utils import ModelOutput
+
+import hmora_kernels
+
+from .config import HMoRAConfig
+from .context import ForwardContext, RoutingState
+from .injection import inject
+from .layers import AdapterLinear, ExpertLinear, LoRALinear
+from .routers import Router
+from .task_encoder import TaskEncoder
+
+IGNORE_INDEX = -100
+B_MATRIX_SUFFIX = "lora_B"
+
+
+@dataclass
+class HMoRAOutput(ModelOutput):
+    """loss = lambda_lm * ce_loss + lambda_auxiliary * aux_loss (None without labels).
+
+    aux_loss: unweighted sum of the token-router losses (GJS or load balancing), each shared router once.
+    router_probs / router_gates: owner module name -> p_tok / final gates (B, S, E), token-routed layers;
+    router_gates also for task-only layers. task_probs: owner module name -> (B, E) for task routers.
+    """
+
+    loss: Optional[torch.Tensor] = None
+    logits: Optional[torch.Tensor] = None
+    ce_loss: Optional[torch.Tensor] = None
+    aux_loss: Optional[torch.Tensor] = None
+    task_repr: Optional[torch.Tensor] = None
+    router_probs: Optional[Dict[str, torch.Tensor]] = None
+    router_gates: Optional[Dict[str, torch.Tensor]] = None
+    task_probs: Optional[Dict[str, torch.Tensor]] = None
+    past_key_values: Optional[object] = None
+    hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
+    attentions: Optional[Tuple[torch.Tensor, ...]] = None
+
+
+def prompt_part(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], labels: Optional[torch.Tensor]):
+    """(ids, mask) of the prompt tokens (attended and labels == -100) of each row, left-padded."""
+    keep = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    if labels is not None:
+        keep = keep & (labels == IGNORE_INDEX)
+    order = torch.argsort(keep.to(torch.int8), dim=1, stable=True)  # dropped first, kept last, order kept
+    length = max(int(keep.sum(1).max()), 1)
+    ids = input_ids.gather(1, order)[:, -length:]
+    mask = keep.gather(1, order)[:, -length:]
+    return ids.masked_fill(~mask, 0), mask.long()
+
+
+class HMoRAModel(nn.Module):
+    """A causal LM with HMoRA adapters. Build it with `get_hmora_model` or `HMoRAModel.from_pretrained`.
+
+    Parameter naming rule: every B matrix (expert banks and plain LoRA) is a parameter whose name ends in
+    `lora_B` (`is_b_matrix(name)`); A matrices end in `lora_A`; routers live under `.router.`, the task
+    encoder under `task_encoder.`.
+    """
+
+    accepts_loss_kwargs = False  # our loss is a mean over this batch's targets; let Trainer scale it
+
+    def __init__(self, base_model: nn.Module, config: HMoRAConfig, tokenizer=None):
+        super().__init__()
+        config = copy.deepcopy(config)
+        base_model.requires_grad_(False)
+        self.base_model = base_model
+        self._routing = RoutingState()
+        embeddings = base_model.get_input_embeddings()
+        d = embeddings.weight.shape[1]
+        self._groups = inject(base_model, config, self._routing, task_dim=d)
+        self.hmora_config = config
+        self.task_encoder = None
+        if config.use_task_router and any(g.router.kind != "token" for g in self._groups):
+            self.task_encoder = TaskEncoder(d, config.num_encoder_heads, config.num_encoder_layer, config.dropout,
+                                            self._task_token_init(embeddings, tokenizer),
+                                            device=embeddings.weight.device)
+            self.task_encoder.requires_grad_(config.trainable_encoder)
+
+    def _task_token_init(self, embeddings: nn.Embedding, tokenizer) -> torch.Tensor:
+        config = self.hmora_config
+        if config.task_token_id is None and tokenizer is not None:
+            config.task_token_id = tokenizer.convert_tokens_to_ids(config.task_token)
+        table = embeddings.weight.detach()
+        if config.task_token_id is None:
+            return table.float().mean(0)
+        if not 0 <= config.task_token_id < table.shape[0]:
+            raise ValueError(f"HMoRAConfig.task_token_id {config.task_token_id} is outside the vocabulary "
+                             f"(size {table.shape[0]})")
+        return table[config.task_token_id].float()
+
+    # ---- transformers-facing attributes -----------------------------------------------------------------
+    @property
+    def config(self):
+        return self.base_model.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.base_model.get_input_embeddings().weight.device
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.base_model.get_input_embeddings()
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None) -> None:
+        """Activation checkpointing of the base model's decoder layers (reentrant or not). Inputs are made to
+        require grad so that reentrant checkpointing passes gradients to the adapters of a frozen base."""
+        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        self.base_model.enable_input_require_grads()
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.base_model.gradient_checkpointing_disable()
+
+    # ---- parameters -------------------------------------------------------------------------------------
+    @staticmethod
+    def is_b_matrix(name: str) -> bool:
+        """True for the parameters that hold B matrices (trained at eta_b * lr, SPEC 5)."""
+        return name.endswith(B_MATRIX_SUFFIX)
+
+    def trainable_parameter_names(self) -> List[str]:
+        return [name for name, p in self.named_parameters() if p.requires_grad]
+
+    def get_nb_trainable_parameters(self) -> Tuple[int, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return trainable, sum(p.numel() for p in self.parameters())
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    def layer_kinds(self) -> Dict[str, str]:
+        """Routed-group owner name -> 'token' | 'hybrid' | 'task'."""
+        return {group.name: group.router.kind for group in self._groups}
+
+    def adapter_named_parameters(self) -> Dict[str, nn.Parameter]:
+        """Every adapter parameter (trainable or not), named relative to the base model (as checkpoints store
+        them): `<module>.lora_A`, `<module>.lora_B`, `<owner>.router.*`, `task_encoder.*`."""
+        adapter_ids = set()
+        for module in self.modules():
+            if isinstance(module, AdapterLinear):
+                adapter_ids.update({id(module.lora_A), id(module.lora_B)})
+            if isinstance(module, (Router, TaskEncoder)):
+                adapter_ids.update(id(p) for p in module.parameters())
+        named = {}
+        for name, param in self.named_parameters():
+            if id(param) in adapter_ids:
+                named[name[len("base_model."):] if name.startswith("base_model.") else name] = param
+        return named
+
+    def load_adapter_state_dict(self, state: Dict[str, torch.Tensor], source: str = "the checkpoint") -> None:
+        """Copy adapter tensors in; every name and shape must match (errors name what does not fit)."""
+        params = self.adapter_named_parameters()
+        missing = sorted(set(params) - set(state))
+        unexpected = sorted(set(state) - set(params))
+        wrong = [f"{n}: {tuple(state[n].shape)} in {source}, model needs {tuple(params[n].shape)}"
+                 for n in sorted(set(params) & set(state)) if tuple(state[n].shape) != tuple(params[n].shape)]
+        problems = []
+        if missing:
+            problems.append(f"missing {len(missing)} tensors (e.g. {missing[:3]})")
+        if unexpected:
+            problems.append(f"{len(unexpected)} tensors the model does not have (e.g. {unexpected[:3]})")
+        if wrong:
+            problems.append("shape mismatches: " + "; ".join(wrong[:3]))
+        if problems:
+            raise ValueError(f"{source} does not fit this base model and config: " + ", ".join(problems)
+                             + "; load it onto the base model and config it was saved with")
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(state[name].to(param.dtype))
+
+    # ---- task representation ----------------------------------------------------------------------------
+    def task_representation(self, input_ids=None, attention_mask=None, labels=None, task_input_ids=None,
+                            task_attention_mask=None) -> Optional[torch.Tensor]:
+        """(B, d) task representation, or None without task routers.
+
+        From `task_input_ids` (the raw source, left-padded) when given; otherwise from the prompt part of
+        `input_ids`: the attended tokens whose label is -100 (all attended tokens when labels are absent).
+        """
+        if self.task_encoder is None:
+            return None
+        if task_input_ids is None:
+            if input_ids is None:
+                raise ValueError("task routing needs task_input_ids (or input_ids to take the prompt from)")
+            task_input_ids, task_attention_mask = prompt_part(input_ids, attention_mask, labels)
+        elif input_ids is not None and task_input_ids.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"task_input_ids has {task_input_ids.shape[0]} rows but input_ids has "
+                             f"{input_ids.shape[0]}; give one task source per sequence")
+        if task_attention_mask is None:
+            task_attention_mask = torch.ones_like(task_input_ids)
+        if task_attention_mask.shape != task_input_ids.shape:
+            raise ValueError(f"task_attention_mask {tuple(task_attention_mask.shape)} must have the shape of "
+                             f"task_input_ids {tuple(task_input_ids.shape)}")
+        embeds = self.base_model.get_input_embeddings()(task_input_ids)
+        return self.task_encoder(embeds, task_attention_mask)
+
+    def task_router_probs(self, task_repr: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
+        if task_repr is None:
+            return {}
+        p = self.hmora_config.dropout
+        return {g.name: g.router.task_probs(task_repr, p) for g in self._groups if g.router.kind != "token"}
+
+    # ---- losses -----------------------------------------------------------------------------------------
+    def token_aux_loss(self, router_probs, router_gates, attention_mask) -> torch.Tensor:
+        """Unweighted sum over token routers of GJS (or load balancing) on p_tok over attended tokens."""
+        config = self.hmora_config
+        total = torch.zeros((), device=self.device)
+        for name, p_tok in router_probs.items():
+            mask = torch.ones(p_tok.shape[:-1], device=p_tok.device) if attention_mask is None else attention_mask
+            if config.use_div_loss:
+                total = total + hmora_kernels.gjs_loss(p_tok, config.gamma_div_certain_t, config.gamma_div_balance_t,
+                                                       mask, backend=config.backend)
+            elif config.use_load_balancing_loss:
+                total = total + hmora_kernels.load_balancing_loss(p_tok, router_gates[name], config.gate_top_k,
+                                                                  mask, backend=config.backend)
+        return total
+
+    def task_aux_loss(self, task_input_ids: torch.Tensor, task_attention_mask: Optional[torch.Tensor] = None):
+        """lambda_auxiliary * sum over task routers of GJS over this batch of task weights (SPEC 4).
+
+        The reference recipe calls this once per optimizer step on all sources of the accumulation window
+        and backpropagates it on its own.
+        """
+        config = self.hmora_config
+        probs = self.task_router_probs(self.task_representation(task_input_ids=task_input_ids,
+                                                                task_attention_mask=task_attention_mask))
+        total = torch.zeros((), device=self.device)
+        if config.use_div_loss:
+            for p_task in probs.values():
+                total = total + hmora_kernels.gjs_loss(p_task, config.gamma_div_certain_s, config.gamma_div_balance_s,
+                                                       backend=config.backend)
+        return config.lambda_auxiliary * total
+
+    # ---- forward / generate -----------------------------------------------------------------------------
+    def forward(self, input_ids=None, attention_mask=None, labels=None, task_input_ids=None,
+                task_attention_mask=None, **kwargs) -> HMoRAOutput:
+        """LM forward with routing. `labels` are unshifted (-100 = ignored); the shift happens here.
+
+        The task representation comes from `task_input_ids`, or if absent from the prompt part of
+        `input_ids` (attended tokens with label -100), see `task_representation`.
+        """
+        kwargs.pop("num_items_in_batch", None)
+        if labels is not None and input_ids is not None and labels.shape != input_ids.shape:
+            raise ValueError(f"labels {tuple(labels.shape)} must have the shape of input_ids {tuple(input_ids.shape)}")
+        task_repr = self.task_representation(input_ids, attention_mask, labels, task_input_ids, task_attention_mask)
+        task_probs = self.task_router_probs(task_repr)
+        context = ForwardContext(task_probs, record=True)
+        self._routing.install(context)  # stays installed for checkpoint recomputation (see hmora.context)
+        try:
+            out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            router_probs, router_gates = context.p_tok, context.gates
+        finally:
+            context.finish()
+        config = self.hmora_config
+        aux_loss = self.token_aux_loss(router_probs, router_gates, attention_mask)
+        ce_loss = loss = None
+        if labels is not None:
+            logits = out.logits[:, :-1].float()
+            ce_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                      ignore_index=IGNORE_INDEX, label_smoothing=config.label_smoothing)
+            loss = config.lambda_lm * ce_loss + config.lambda_auxiliary * aux_loss
+        return HMoRAOutput(
+            loss=loss, logits=out.logits, ce_loss=ce_loss, aux_loss=aux_loss, task_repr=task_repr,
+            router_probs=router_probs, router_gates=router_gates, task_probs=task_probs,
+            past_key_values=getattr(out, "past_key_values", None), hidden_states=getattr(out, "hidden_states", None),
+            attentions=getattr(out, "attentions", None),
+        )
+
+    @torch.no_grad()
+    def generate(self, input_ids=None, attention_mask=None, task_input_ids=None, task_attention_mask=None,
+                 **kwargs):
+        """`base_model.generate` with routing: the task weights are computed once from `task_input_ids` (or
+        from the whole attended prompt) and held for every generated token."""
+        task_repr = self.task_representation(input_ids, attention_mask, None, task_input_ids, task_attention_mask)
+        previous = self._routing.install(ForwardContext(self.task_router_probs(task_repr)))
+        try:
+            return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        finally:
+            self._routing.context.finish()
+            self._routing.install(previous)
+
+    # ---- persistence ------------------------------------------------------------------------------------
+    def save_pretrained(self, directory) -> None:
+        from .checkpoint import save_adapter
+
+        save_adapter(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, base_model: nn.Module, directory) -> "HMoRAModel":
+        from .checkpoint import load_adapter
+
+        return load_adapter(base_model, directory)
+
+    def merge_and_unload(self) -> nn.Module:
+        """Fold every plain-LoRA layer into its base Linear and return the base model.
+
+        Refuses for routed layers: their update sum_e g_e(x) B_e A_e depends on the input through the gates,
+        so no fixed weight equals it.
+        """
+        routed = [name for name, m in self.base_model.named_modules() if isinstance(m, ExpertLinear)]
+        if routed:
+            raise ValueError(f"merge_and_unload: {len(routed)} routed layers (e.g. {routed[0]}) have input-dependent "
+                             f"gates and cannot be folded into a fixed weight; only plain-LoRA layers "
+                             f"(target_modules_lora) can be merged")
+        for name, module in list(self.base_model.named_modules()):
+            if isinstance(module, LoRALinear):
+                parent, _, leaf = name.rpartition(".")
+                setattr(self.base_model.get_submodule(parent) if parent else self.base_model, leaf,
+                        module.merged_linear())
+        return self.base_model
+
+
+def get_hmora_model(base_model: nn.Module, config: HMoRAConfig, tokenizer=None) -> HMoRAModel:
+    """Inject HMoRA layers into `base_model` (in place) and freeze its own weights.
+
+    `tokenizer` (optional) gives the id of `config.task_token` for the task token's initial embedding.
+    """
+    if not isinstance(config, HMoRAConfig):
+        raise TypeError(f"get_hmora_model: expected an HMoRAConfig, got {type(config).__name__}")
+    return HMoRAModel(base_model, config, tokenizer)

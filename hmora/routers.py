@@ -1,0 +1,72 @@
+"""Routers of one routed group (SPEC 3): a token router on the layer input, a task router on the task
+representation, and the learnable hybrid mixing weight alpha, as the layer's kind needs them."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hmora_kernels.dropout import ROUTER_STREAM, apply_dropout
+
+ROUTER_KINDS = ("token", "hybrid", "task")
+
+
+class RouterMLP(nn.Sequential):
+    """d_in -> E in one Linear (default), or d_in -> hidden -> ... -> E with ReLU between (deeper routers).
+
+    Linear layers sit at the even indices; the default nn.Linear initialisation, with bias (SPEC 2.3).
+    """
+
+    def __init__(self, d_in: int, num_experts: int, num_layers: int, hidden_dim: int, device=None):
+        widths = [d_in] + [hidden_dim] * (num_layers - 1) + [num_experts]
+        layers = []
+        for i in range(num_layers):
+            if i:
+                layers.append(nn.ReLU())
+            layers.append(nn.Linear(widths[i], widths[i + 1], device=device, dtype=torch.float32))
+        super().__init__(*layers)
+
+    @property
+    def single_linear(self) -> bool:
+        return len(self) == 1
+
+
+class Router(nn.Module):
+    """The router of one group. kind "token": `token_mlp`; "task": `task_mlp`; "hybrid": both and `alpha`.
+
+    Owns no state between forwards: `token_args` and `task_probs` return values for this forward only.
+    """
+
+    def __init__(self, kind: str, d_in: int, d_task: int, num_experts: int, num_layers: int, hidden_dim: int,
+                 alpha_init: float, device=None):
+        super().__init__()
+        if kind not in ROUTER_KINDS:
+            raise ValueError(f"router kind: expected one of {ROUTER_KINDS}, got {kind!r}")
+        self.kind = kind
+        if kind != "task":
+            self.token_mlp = RouterMLP(d_in, num_experts, num_layers, hidden_dim, device)
+        if kind == "hybrid":
+            self.alpha = nn.Parameter(torch.tensor(float(alpha_init), device=device))
+        if kind != "token":
+            self.task_mlp = RouterMLP(d_task, num_experts, num_layers, hidden_dim, device)
+
+    def token_args(self, x: torch.Tensor, dropout_p: float, seed: int) -> dict:
+        """Keyword arguments of `hmora_kernels.routed_group` for the token router on the flat input x (T, d_in).
+
+        One Linear: its weight and bias go to the kernel (which draws the router's dropout mask itself).
+        Deeper: the logits, computed here on the router's dropout stream, the same stream the kernel would use.
+        """
+        if self.kind == "task":
+            return {}
+        if self.token_mlp.single_linear:
+            return {"router_weight": self.token_mlp[0].weight, "router_bias": self.token_mlp[0].bias}
+        dropped = apply_dropout(x, dropout_p, seed, ROUTER_STREAM)
+        return {"router_logits": self.token_mlp(dropped.to(torch.float32))}
+
+    def task_probs(self, task_repr: torch.Tensor, dropout_p: float) -> torch.Tensor:
+        """p_task = softmax(W_s drop(task_repr) + b_s), (B, E) in fp32; its own dropout mask (SPEC 2.4)."""
+        dropped = F.dropout(task_repr.to(torch.float32), dropout_p, self.training)
+        return torch.softmax(self.task_mlp(dropped), dim=-1)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}"

@@ -1,0 +1,51 @@
+"""Task encoder (SPEC 3.2): one vector per sequence from its raw source tokens, read by every task router."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+MAX_SOURCE_POSITIONS = 5000
+
+
+def sinusoid_table(length: int, d: int) -> torch.Tensor:
+    """PE[pos, 2i] = sin(pos exp(-2i ln(10000) / d)), PE[pos, 2i+1] = cos(same); (length, d) fp32."""
+    position = torch.arange(length, dtype=torch.float32).unsqueeze(1)
+    frequency = torch.exp(torch.arange(0, d, 2, dtype=torch.float32) * (-math.log(10000.0) / d))
+    table = torch.zeros(length, d)
+    table[:, 0::2] = torch.sin(position * frequency)
+    table[:, 1::2] = torch.cos(position * frequency)[:, : d // 2]
+    return table
+
+
+class TaskEncoder(nn.Module):
+    """Embedded source (B, S, d) + right-aligned sinusoidal positions, then one appended learned task token
+    (no position), through a bidirectional post-norm ReLU `nn.TransformerEncoder` with feed-forward 2d;
+    the output at the task token is the task representation (B, d)."""
+
+    def __init__(self, d: int, num_heads: int, num_layers: int, dropout: float, task_token_init: torch.Tensor,
+                 device=None):
+        super().__init__()
+        if d % num_heads:
+            raise ValueError(
+                f"task encoder: hidden size {d} must be divisible by num_encoder_heads = {num_heads}; "
+                f"set HMoRAConfig.num_encoder_heads to a divisor of {d}")
+        layer = nn.TransformerEncoderLayer(d, num_heads, dim_feedforward=2 * d, dropout=dropout, batch_first=True,
+                                           device=device, dtype=torch.float32)
+        self.transformer_encoder = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
+        self.task_embedding = nn.Embedding(1, d, device=device, dtype=torch.float32)
+        with torch.no_grad():
+            self.task_embedding.weight.copy_(task_token_init.reshape(1, d))
+        self.register_buffer("positions", sinusoid_table(MAX_SOURCE_POSITIONS, d).to(device), persistent=False)
+
+    def forward(self, embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = embeds.shape
+        if length > MAX_SOURCE_POSITIONS:
+            raise ValueError(f"task encoder: the source has {length} tokens, at most {MAX_SOURCE_POSITIONS} fit; "
+                             f"truncate task_input_ids")
+        src = embeds.to(torch.float32) + self.positions[MAX_SOURCE_POSITIONS - length:]
+        src = torch.cat([src, self.task_embedding.weight.expand(batch, 1, -1)], dim=1)
+        keep = torch.cat([attention_mask.bool(), attention_mask.new_ones(batch, 1, dtype=torch.bool)], dim=1)
+        out = self.transformer_encoder(src, src_key_padding_mask=~keep)
+        return out[:, -1]

@@ -8,21 +8,25 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 from hmora_kernels import BACKENDS
 
-# Per model family: default target modules, the q/k/v group and the gate/up group that may share a router.
-# BLOOM's q, k, v is one fused Linear, so its attention "group" has one member and always shares.
+# Per model family: default target modules, the plain-LoRA ones (the paper's o/down and their BLOOM
+# counterparts), the q/k/v group and the gate/up group that may share a router. BLOOM's q, k, v is one fused
+# Linear, so its attention "group" has one member and always shares.
+_LLAMA_LIKE = {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+               "target_modules_lora": ["o_proj", "down_proj"],
+               "qkv_modules": ["q_proj", "k_proj", "v_proj"], "w_i_modules": ["gate_proj", "up_proj"]}
 MODEL_FAMILIES: Dict[str, Dict[str, List[str]]] = {
-    "qwen2": {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-              "qkv_modules": ["q_proj", "k_proj", "v_proj"], "w_i_modules": ["gate_proj", "up_proj"]},
-    "llama": {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-              "qkv_modules": ["q_proj", "k_proj", "v_proj"], "w_i_modules": ["gate_proj", "up_proj"]},
+    "qwen2": _LLAMA_LIKE,
+    "llama": _LLAMA_LIKE,
     "bloom": {"target_modules": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+              "target_modules_lora": ["dense", "dense_4h_to_h"],
               "qkv_modules": ["query_key_value"], "w_i_modules": []},
 }
+FAMILY_FIELDS = ("target_modules", "target_modules_lora", "qkv_modules", "w_i_modules")
 
 # Keys of the reference config.json that carry no information for us: `peft_type` is always "hmora",
 # `torch_dtype` is saved as null, and the reference code ignores `use_rs_scaling` (it always uses
@@ -37,14 +41,15 @@ RENORMS = ("softmax", "sum")
 class HMoRAConfig:
     """Configuration of an HMoRA adapter (SPEC.md). Validated on construction; JSON round trip.
 
-    target_modules / qkv_modules / w_i_modules: None = the model family's default (MODEL_FAMILIES), filled in
-    by `get_hmora_model`. Other families: give all three (module names, the last part of the dotted path).
+    target_modules / target_modules_lora / qkv_modules / w_i_modules: None = the model family's default
+    (MODEL_FAMILIES), filled in by `get_hmora_model`. Other families: give all four (module names, the last part
+    of the dotted path; [] for none).
     max_llm_layer: index of the last decoder layer (L - 1); None = taken from the base model.
     hidden_size / model_type: filled in from the base model; a checkpoint is checked against them on load.
     """
 
     target_modules: Optional[List[str]] = None
-    target_modules_lora: List[str] = field(default_factory=lambda: ["o_proj", "down_proj"])
+    target_modules_lora: Optional[List[str]] = None
     lora_r: int = 8
     lora_alpha: float = 8
     lora_scaling: str = "rslora"          # ours: "rslora" s = alpha / sqrt(r) (reference), "standard" s = alpha / r
@@ -134,14 +139,14 @@ class HMoRAConfig:
             fail("padding_side", "'left' (the task encoder right-aligns positions)")
         if self.max_llm_layer is not None and (not isinstance(self.max_llm_layer, int) or self.max_llm_layer < 0):
             fail("max_llm_layer", "None or an integer >= 0 (the index of the last decoder layer)")
-        for name in ("target_modules", "target_modules_lora", "qkv_modules", "w_i_modules"):
+        for name in FAMILY_FIELDS:
             value = getattr(self, name)
-            if value is None and name != "target_modules_lora":
+            if value is None:
                 continue
             if isinstance(value, str) or not all(isinstance(v, str) and v for v in value):
                 fail(name, "a list of module names")
             setattr(self, name, list(value))
-        if self.target_modules is not None:
+        if self.target_modules is not None and self.target_modules_lora is not None:
             stray = sorted(set(self.target_modules_lora) - set(self.target_modules))
             if stray:
                 raise ValueError(f"HMoRAConfig.target_modules_lora: {stray} are not in target_modules "

@@ -14,9 +14,16 @@ import torch
 
 
 class ForwardContext:
-    def __init__(self, task_probs: Optional[Dict[str, torch.Tensor]] = None, record: bool = False):
+    def __init__(self, task_probs: Optional[Dict[str, torch.Tensor]] = None, record: bool = False,
+                 attention_mask: Optional[torch.Tensor] = None, aux_loss=None):
         self.task_probs = task_probs or {}
         self.recording = record
+        self.attention_mask = attention_mask
+        self.aux_loss = aux_loss  # (p_tok, gates, mask) -> one router's auxiliary loss, for recomputation
+        # reentrant checkpointing (see hmora.reentrant): set when the layers ran under no_grad in the forward
+        self.layers_without_grad = False
+        self.task_grads: Dict[str, torch.Tensor] = {}
+        self.aux_grad_scale: Optional[torch.Tensor] = None
         # group owner name -> (the shared input tensor, {member index: output not yet handed out})
         self.pending: Dict[str, Tuple[torch.Tensor, Dict[int, torch.Tensor]]] = {}
         self.p_tok: Dict[str, torch.Tensor] = {}
@@ -53,9 +60,14 @@ class ForwardContext:
         if rest:
             self.pending[owner] = (x, rest)
 
+    def reentrant_recompute(self) -> bool:
+        """True inside the recomputation of a layer that reentrant checkpointing ran under no_grad."""
+        return self.layers_without_grad and not self.recording and torch.is_grad_enabled()
+
     def record(self, owner: str, p_tok: Optional[torch.Tensor], gates: torch.Tensor) -> None:
         if not self.recording:
             return
+        self.layers_without_grad |= not torch.is_grad_enabled()
         if p_tok is not None:
             self.p_tok[owner] = p_tok
         self.gates[owner] = gates

@@ -7,7 +7,7 @@ from typing import Dict, List, Tuple
 
 from torch import nn
 
-from .config import MODEL_FAMILIES, HMoRAConfig
+from .config import FAMILY_FIELDS, MODEL_FAMILIES, HMoRAConfig
 from .context import RoutingState
 from .layers import ExpertLinear, LoRALinear, RoutedGroup
 from .routers import Router
@@ -27,12 +27,12 @@ def complete_config(base_model: nn.Module, config: HMoRAConfig) -> None:
         raise ValueError(f"the adapter is for hidden_size {config.hidden_size} but the base model has {hidden}; "
                          f"load it onto the base model it was trained on")
     family = MODEL_FAMILIES.get(model_type, {})
-    for name in ("target_modules", "qkv_modules", "w_i_modules"):
+    for name in FAMILY_FIELDS:
         if getattr(config, name) is None:
             if name not in family:
                 raise ValueError(
                     f"HMoRAConfig.{name} is unset and model_type {model_type!r} has no built-in default "
-                    f"(built in: {sorted(MODEL_FAMILIES)}); give target_modules, qkv_modules and w_i_modules")
+                    f"(built in: {sorted(MODEL_FAMILIES)}); give {', '.join(FAMILY_FIELDS)}")
             setattr(config, name, list(family[name]))
     config.model_type, config.hidden_size = model_type, hidden
     if config.max_llm_layer is None:

@@ -15,6 +15,7 @@ import hmora_kernels
 
 from .config import HMoRAConfig
 from .context import RoutingState
+from .reentrant import AuxGradInject, TaskGradSink
 from .routers import Router
 
 
@@ -137,7 +138,12 @@ class RoutedGroup:
         bases = [m.base_layer(x).reshape(flat.shape[0], -1) for m in self.members]
         p = owner.active_dropout()
         seed = draw_seed(p)
-        task_probs = context.task_probs_for(self.name, lead[0]) if router.kind != "token" else None
+        recompute = context.reentrant_recompute()
+        task_probs = None
+        if router.kind != "token":
+            task_probs = context.task_probs_for(self.name, lead[0])
+            if recompute:
+                task_probs = TaskGradSink.apply(task_probs.detach().requires_grad_(), context, self.name)
         result = hmora_kernels.routed_group(
             flat, [m.lora_A for m in self.members], [m.lora_B for m in self.members], owner.scaling,
             **router.token_args(flat, p, seed), task_probs=task_probs,
@@ -145,6 +151,11 @@ class RoutedGroup:
             renorm=self.renorm, dropout_p=p, seed=seed, bases=bases, backend=owner.backend,
         )
         experts = result.gates.shape[-1]
-        context.record(self.name, None if result.p_tok is None else result.p_tok.view(*lead, experts),
-                       result.gates.view(*lead, experts))
-        return [out.view(*lead, -1) for out in result.outputs]
+        p_tok = None if result.p_tok is None else result.p_tok.view(*lead, experts)
+        gates = result.gates.view(*lead, experts)
+        context.record(self.name, p_tok, gates)
+        outputs = [out.view(*lead, -1) for out in result.outputs]
+        if recompute and p_tok is not None:
+            loss = context.aux_loss(p_tok, gates, context.attention_mask)
+            outputs[0] = AuxGradInject.apply(outputs[0], loss, context)
+        return outputs

@@ -16,6 +16,7 @@ from .config import HMoRAConfig
 from .context import ForwardContext, RoutingState
 from .injection import inject
 from .layers import AdapterLinear, ExpertLinear, LoRALinear
+from .reentrant import TaskGradBridge, tap
 from .routers import Router
 from .task_encoder import TaskEncoder
 
@@ -108,14 +109,28 @@ class HMoRAModel(nn.Module):
     def get_input_embeddings(self) -> nn.Module:
         return self.base_model.get_input_embeddings()
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None) -> None:
-        """Activation checkpointing of the base model's decoder layers (reentrant or not). Inputs are made to
-        require grad so that reentrant checkpointing passes gradients to the adapters of a frozen base."""
-        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: Optional[dict] = None) -> None:
+        """Activation checkpointing of the base model's decoder layers, e.g. {"use_reentrant": True} (both modes
+        give the gradients of the plain forward). Inputs are made to require grad so that reentrant
+        checkpointing passes gradients to the adapters of a frozen base."""
+        enable = getattr(self.base_model, "activation_checkpointing_enable", None)  # transformers >= 5.x
+        if enable is not None:
+            enable(activation_checkpointing_kwargs=activation_checkpointing_kwargs)
+        else:
+            self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=activation_checkpointing_kwargs)
         self.base_model.enable_input_require_grads()
 
-    def gradient_checkpointing_disable(self) -> None:
-        self.base_model.gradient_checkpointing_disable()
+    def activation_checkpointing_disable(self) -> None:
+        disable = getattr(self.base_model, "activation_checkpointing_disable", None)
+        (disable or self.base_model.gradient_checkpointing_disable)()
+
+    # transformers < 5 names
+    gradient_checkpointing_enable = activation_checkpointing_enable
+    gradient_checkpointing_disable = activation_checkpointing_disable
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        return any(getattr(m, "gradient_checkpointing", False) is True for m in self.base_model.modules())
 
     # ---- parameters -------------------------------------------------------------------------------------
     @staticmethod
@@ -206,18 +221,22 @@ class HMoRAModel(nn.Module):
         return {g.name: g.router.task_probs(task_repr, p) for g in self._groups if g.router.kind != "token"}
 
     # ---- losses -----------------------------------------------------------------------------------------
-    def token_aux_loss(self, router_probs, router_gates, attention_mask) -> torch.Tensor:
-        """Unweighted sum over token routers of GJS (or load balancing) on p_tok over attended tokens."""
+    def router_aux_loss(self, p_tok: torch.Tensor, gates: torch.Tensor, attention_mask=None) -> torch.Tensor:
+        """One token router's auxiliary loss on p_tok (B, S, E) over attended tokens: GJS or load balancing."""
         config = self.hmora_config
+        mask = torch.ones(p_tok.shape[:-1], device=p_tok.device) if attention_mask is None else attention_mask
+        if config.use_div_loss:
+            return hmora_kernels.gjs_loss(p_tok, config.gamma_div_certain_t, config.gamma_div_balance_t, mask,
+                                          backend=config.backend)
+        if config.use_load_balancing_loss:
+            return hmora_kernels.load_balancing_loss(p_tok, gates, config.gate_top_k, mask, backend=config.backend)
+        return p_tok.new_zeros(())
+
+    def token_aux_loss(self, router_probs, router_gates, attention_mask) -> torch.Tensor:
+        """Unweighted sum of `router_aux_loss` over the token routers (task-only layers have none)."""
         total = torch.zeros((), device=self.device)
         for name, p_tok in router_probs.items():
-            mask = torch.ones(p_tok.shape[:-1], device=p_tok.device) if attention_mask is None else attention_mask
-            if config.use_div_loss:
-                total = total + hmora_kernels.gjs_loss(p_tok, config.gamma_div_certain_t, config.gamma_div_balance_t,
-                                                       mask, backend=config.backend)
-            elif config.use_load_balancing_loss:
-                total = total + hmora_kernels.load_balancing_loss(p_tok, router_gates[name], config.gate_top_k,
-                                                                  mask, backend=config.backend)
+            total = total + self.router_aux_loss(p_tok, router_gates[name], attention_mask)
         return total
 
     def task_aux_loss(self, task_input_ids: torch.Tensor, task_attention_mask: Optional[torch.Tensor] = None):
@@ -249,15 +268,27 @@ class HMoRAModel(nn.Module):
             raise ValueError(f"labels {tuple(labels.shape)} must have the shape of input_ids {tuple(input_ids.shape)}")
         task_repr = self.task_representation(input_ids, attention_mask, labels, task_input_ids, task_attention_mask)
         task_probs = self.task_router_probs(task_repr)
-        context = ForwardContext(task_probs, record=True)
+        context = ForwardContext(task_probs, record=True, attention_mask=attention_mask,
+                                 aux_loss=self.router_aux_loss)
+        if task_probs and torch.is_grad_enabled() and self.is_activation_checkpointing:
+            # reentrant checkpointing needs a path from the task probabilities into the layers (hmora.reentrant)
+            embeds = kwargs.pop("inputs_embeds", None)
+            if embeds is None:
+                embeds = self.get_input_embeddings()(input_ids)
+            names = tuple(task_probs)
+            kwargs["inputs_embeds"] = TaskGradBridge.apply(embeds, context, names, *(task_probs[n] for n in names))
+            input_ids = None
         self._routing.install(context)  # stays installed for checkpoint recomputation (see hmora.context)
         try:
             out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
             router_probs, router_gates = context.p_tok, context.gates
+            layers_without_grad = context.layers_without_grad
         finally:
             context.finish()
         config = self.hmora_config
         aux_loss = self.token_aux_loss(router_probs, router_gates, attention_mask)
+        if layers_without_grad and torch.is_grad_enabled():
+            aux_loss = tap(aux_loss, context)
         ce_loss = loss = None
         if labels is not None:
             logits = out.logits[:, :-1].float()

@@ -18,7 +18,8 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6"],
+        # accelerate: transformers.Trainer needs it (tests/test_hmora_trainer.py)
+        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "accelerate>=1.1"],
         "plot": ["matplotlib>=3.7"],
     },
     entry_points={

@@ -1,0 +1,135 @@
+"""Checkpoints: real safetensors + JSON under non-PEFT names, atomic saves, clear errors on bad input;
+the reference-checkpoint importer's errors; merge_and_unload."""
+import json
+import os
+
+import pytest
+import safetensors.torch
+import torch
+
+from hmora import HMoRAConfig, HMoRAModel, get_hmora_model, import_reference_checkpoint
+from hmora.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from test_hmora_model import FAMILIES, VOCAB, batch, tiny_base, tiny_model
+
+
+def _logits(model, ids, mask):
+    with torch.no_grad():
+        return model.eval()(input_ids=ids, attention_mask=mask).logits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_and_reload_give_identical_logits(tmp_path, family):
+    model = tiny_model(family)
+    ids, mask, _ = batch()
+    model.save_pretrained(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == sorted([CONFIG_NAME, WEIGHTS_NAME])  # not adapter_model.* / adapter_config.json
+    stored = safetensors.torch.load_file(str(tmp_path / WEIGHTS_NAME))  # real safetensors
+    assert set(stored) == set(model.adapter_named_parameters())
+    reloaded = HMoRAModel.from_pretrained(tiny_base(family), tmp_path)
+    assert torch.equal(_logits(model, ids, mask), _logits(reloaded, ids, mask))
+    assert reloaded.hmora_config == model.hmora_config
+
+
+def test_a_failed_save_leaves_the_last_good_checkpoint(tmp_path, monkeypatch):
+    model = tiny_model("qwen2")
+    model.save_pretrained(tmp_path)
+    before = {name: (tmp_path / name).read_bytes() for name in (WEIGHTS_NAME, CONFIG_NAME)}
+    with torch.no_grad():
+        model.base_model.model.layers[0].self_attn.q_proj.lora_B.add_(1.0)
+
+    def disk_full(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr("hmora.checkpoint.save_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        model.save_pretrained(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == sorted([CONFIG_NAME, WEIGHTS_NAME])  # no temporary file left behind
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    HMoRAModel.from_pretrained(tiny_base("qwen2"), tmp_path)
+
+
+def test_loading_onto_the_wrong_base_model_names_what_does_not_fit(tmp_path):
+    tiny_model("qwen2").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="adapter is for model_type 'qwen2' but the base model is 'llama'"):
+        HMoRAModel.from_pretrained(tiny_base("llama"), tmp_path)
+    with pytest.raises(ValueError, match=r"does not fit this base model and config: missing 18 tensors \(e.g. "
+                                         r"\['model.layers.3.mlp.down_proj.lora_A'"):
+        HMoRAModel.from_pretrained(tiny_base("qwen2", layers=4), tmp_path)
+    wider = tiny_base("qwen2")
+    wider.resize_token_embeddings(VOCAB)
+    with torch.no_grad():
+        wider.model.embed_tokens.weight = torch.nn.Parameter(torch.zeros(VOCAB, 48))
+    with pytest.raises(ValueError, match="adapter is for hidden_size 32 but the base model has 48"):
+        HMoRAModel.from_pretrained(wider, tmp_path)
+
+
+def test_missing_corrupt_and_mixed_checkpoint_files(tmp_path):
+    tiny_model("qwen2").save_pretrained(tmp_path)
+    weights, config = tmp_path / WEIGHTS_NAME, tmp_path / CONFIG_NAME
+    good_weights, good_config = weights.read_bytes(), config.read_text()
+
+    weights.write_bytes(good_weights[: len(good_weights) // 2])
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        HMoRAModel.from_pretrained(tiny_base("qwen2"), tmp_path)
+    weights.write_bytes(good_weights)
+
+    config.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        HMoRAModel.from_pretrained(tiny_base("qwen2"), tmp_path)
+    config.write_text(json.dumps({**json.loads(good_config), "lora_r": 4}))
+    with pytest.raises(ValueError, match="does not match the config stored with"):
+        HMoRAModel.from_pretrained(tiny_base("qwen2"), tmp_path)
+    config.write_text(good_config)
+
+    weights.unlink()
+    with pytest.raises(FileNotFoundError, match="checkpoint file missing"):
+        HMoRAModel.from_pretrained(tiny_base("qwen2"), tmp_path)
+
+
+def test_loading_checks_every_tensor_name_and_shape():
+    model = tiny_model("qwen2")
+    state = {name: p.detach().clone() for name, p in model.adapter_named_parameters().items()}
+    name = "model.layers.0.self_attn.q_proj.lora_A"
+    with pytest.raises(ValueError, match=rf"{name}: \(3, 32\) in the checkpoint, model needs \(2, 32\)"):
+        model.load_adapter_state_dict({**state, name: torch.zeros(3, 32)})
+    with pytest.raises(ValueError, match="1 tensors the model does not have"):
+        model.load_adapter_state_dict({**state, "extra.lora_B": torch.zeros(1)})
+    del state[name]
+    with pytest.raises(ValueError, match="missing 1 tensors"):
+        model.load_adapter_state_dict(state)
+
+
+def test_reference_importer_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="reference checkpoint file missing"):
+        import_reference_checkpoint(tiny_base("qwen2"), tmp_path)
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"garbage")
+    (tmp_path / "config.json").write_text(json.dumps({"lora_r": 2, "num_experts": 4, "peft_type": "hmora"}))
+    with pytest.raises(ValueError, match="not a readable reference checkpoint"):
+        import_reference_checkpoint(tiny_base("qwen2"), tmp_path)
+
+
+def test_our_loader_points_reference_checkpoints_to_the_importer(tmp_path):
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="import_reference_checkpoint"):
+        HMoRAModel.from_pretrained(tiny_base("qwen2"), tmp_path)
+
+
+def test_merge_and_unload_folds_plain_lora_and_refuses_routed_layers():
+    ids, mask, _ = batch()
+    routed = tiny_model("qwen2")
+    with pytest.raises(ValueError, match="routed layers .* cannot be folded"):
+        routed.merge_and_unload()
+    config = HMoRAConfig(target_modules=["q_proj", "down_proj"], target_modules_lora=["q_proj", "down_proj"],
+                         lora_r=2)
+    plain = get_hmora_model(tiny_base("qwen2"), config)
+    with torch.no_grad():
+        for param in plain.adapter_named_parameters().values():
+            param.normal_()
+    before = _logits(plain, ids, mask)
+    merged = plain.merge_and_unload()
+    assert isinstance(merged.model.layers[0].self_attn.q_proj, torch.nn.Linear)
+    with torch.no_grad():
+        after = merged(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)

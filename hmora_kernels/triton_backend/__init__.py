@@ -46,7 +46,7 @@ def routed_group(
 ) -> GroupOutput:
     """y_m = base_m + s * sum_e g_e (drop_m(x) A_{m,e}^T) B_{m,e}^T with g from the group's router, fused."""
     _check_device(x)
-    check_limits(shape.num_experts, shape.rank, len(members_A))
+    check_limits(shape.num_experts, shape.rank, shape.hydra, len(members_A))
     if kind == "task":
         router_weight = router_bias = router_logits = None
     out = routed_group_forward(
@@ -66,7 +66,7 @@ def routed_group(
 def lora(x, A, B, scaling, *, dropout_p=0.0, seed=0, base=None):
     """y = base + s * (drop(x) A^T) B^T: the routed group with one member, one expert and no router."""
     _check_device(x)
-    check_limits(1, A.shape[0], 1)
+    check_limits(1, A.shape[0], False, 1)
     out = routed_group_forward(
         x, [A], [B], [] if base is None else [base], None, None, None, None, None, float(scaling), 1, False,
         "none", 0, "softmax", float(dropout_p), int(seed),

@@ -58,6 +58,13 @@ def routed_group_forward(
     """[y_0 .. y_{M-1}, logits, p_tok, gates, h]; absent routing tensors are empty; bases may be []."""
     plan = make_plan(x, Bs, router_weight, router_bias, router_logits, task_probs, scaling, num_experts, hydra,
                      kind, top_k, renorm, dropout_p, seed, deterministic=True)
+    ys, logits, p_tok, gates, h = run_forward(plan, x, As, Bs, bases, router_weight, router_bias, router_logits,
+                                              task_probs, alpha)
+    return ys + [_or_empty(logits, x), _or_empty(p_tok, x), _or_empty(gates, x), h]
+
+
+def run_forward(plan: GroupPlan, x, As, Bs, bases, router_weight, router_bias, router_logits, task_probs, alpha):
+    """The forward launches: (ys, logits, p_tok, gates, h), absent routing tensors None."""
     x = x.contiguous()
     h, logits, p_tok, gates = run_shrink_route(
         plan, x, [A.contiguous() for A in As], router_weight, router_bias,
@@ -65,7 +72,7 @@ def routed_group_forward(
     )
     out_dtype = bases[0].dtype if bases else x.dtype
     ys = run_expand(plan, h, gates, [B.contiguous() for B in Bs], [b.contiguous() for b in bases] or None, out_dtype)
-    return ys + [_or_empty(logits, x), _or_empty(p_tok, x), _or_empty(gates, x), h]
+    return ys, logits, p_tok, gates, h
 
 
 @routed_group_forward.register_fake
@@ -135,6 +142,14 @@ def routed_group_backward(
     """[dx, weight gradients as one flat fp32 buffer (see weight_grad_layout), d router_logits or empty]."""
     plan = make_plan(x, Bs, router_weight, router_bias, router_logits, task_probs, scaling, num_experts, hydra,
                      kind, top_k, renorm, dropout_p, seed, deterministic)
+    dx, flat, dlogits = run_backward(plan, dys, dlogits_in, dp_tok_in, dgates_in, x, As, Bs, router_weight,
+                                     task_probs, alpha, p_tok, gates, h)
+    return [dx, flat, _or_empty(dlogits if plan.router == ROUTER_LOGITS else None, x)]
+
+
+def run_backward(plan: GroupPlan, dys, dlogits_in, dp_tok_in, dgates_in, x, As, Bs, router_weight, task_probs,
+                 alpha, p_tok, gates, h):
+    """The backward launches: (dx, flat fp32 weight gradients, dlogits or None)."""
     x = x.contiguous()
     As = [A.contiguous() for A in As]
     dys = [dy.contiguous() for dy in dys]
@@ -147,7 +162,7 @@ def routed_group_backward(
     grads = split_weight_grads(plan, flat)
     dx = run_input_grad(plan, x, As, router_weight if plan.computes_logits else None, dh, dlogits, grads)
     run_b_grad(plan, dys, h, gates, dlogits, dtask_tok, dalpha_tok, grads)
-    return [dx, flat, _or_empty(dlogits if plan.router == ROUTER_LOGITS else None, x)]
+    return dx, flat, dlogits
 
 
 def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:

@@ -30,14 +30,14 @@ def _sum_rows(src_ptr, t_begin, t_end, width, BM: tl.constexpr, W_PAD: tl.conste
 def b_grad_kernel(
     dy_ptrs, db_ptrs, d_outs, block_starts, h_ptr, gates_ptr,
     dlogits_ptr, dtask_tok_ptr, dalpha_tok_ptr, dbias_ptr, dtask_ptr, dalpha_ptr,
-    T, E, HR, r, scaling, tokens_per_split, seq_len, num_sequences,
-    M: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, KE_PAD: tl.constexpr, E_PAD: tl.constexpr,
+    T, E, HR, scaling, tokens_per_split, seq_len, num_sequences,
+    RANK: tl.constexpr, M: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, KE_PAD: tl.constexpr, E_PAD: tl.constexpr,
     HYDRA: tl.constexpr, GATED: tl.constexpr, ATOMIC: tl.constexpr,
     SUM_BIAS: tl.constexpr, SUM_TASK: tl.constexpr, SUM_ALPHA: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     ck = tl.arange(0, KE_PAD)
-    KE = E * r
+    KE = E * RANK
     t_begin = tl.program_id(1) * tokens_per_split
     t_end = tl.minimum(t_begin + tokens_per_split, T)
     for m in tl.static_range(M):
@@ -52,8 +52,8 @@ def b_grad_kernel(
                 rows64 = rows.to(tl.int64)
                 dy = tl.load(dy_ptrs[m] + rows64[:, None] * d_out + n[None, :],
                              mask=row_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
-                gated = rank_tile(h_ptr, gates_ptr, rows64, row_ok, ck, M * HR, m * HR, E, KE, r, HYDRA, GATED)
-                acc += tl.dot(tl.trans(dy), gated, input_precision="ieee")
+                gated = rank_tile(h_ptr, gates_ptr, rows64, row_ok, ck, M * HR, m * HR, E, KE, RANK, HYDRA, GATED)
+                acc += tl.dot(tl.trans(dy), gated, input_precision="tf32x3")
             out = db_ptrs[m] + n[:, None] * KE + ck[None, :]
             ok = n_ok[:, None] & (ck < KE)[None, :]
             if ATOMIC:
@@ -74,7 +74,7 @@ def b_grad_kernel(
 
 def run_b_grad(plan: GroupPlan, dys, h, gates, dlogits, dtask_tok, dalpha_tok, weight_grads):
     """Writes dB_m and the summed routing gradients (bias, task probabilities, alpha) into `weight_grads`."""
-    blocks = plan.output_blocks
+    blocks = plan.tiles("b_grad")
     starts = member_block_starts(plan.d_outs, blocks.cols)
     splits, per_split = plan.token_splits(starts[-1], blocks.rows)
     sum_bias = plan.has_bias and dlogits is not None
@@ -86,11 +86,11 @@ def run_b_grad(plan: GroupPlan, dys, h, gates, dlogits, dtask_tok, dalpha_tok, w
         dbias_ptr=weight_grads.dbias if sum_bias else h,
         dtask_ptr=h if dtask_tok is None else weight_grads.dtask,
         dalpha_ptr=h if dalpha_tok is None else weight_grads.dalpha,
-        T=plan.T, E=plan.E, HR=plan.HR, r=plan.r, scaling=plan.scaling, tokens_per_split=per_split,
+        T=plan.T, E=plan.E, HR=plan.HR, scaling=plan.scaling, tokens_per_split=per_split,
         seq_len=plan.seq_len, num_sequences=plan.num_sequences,
     )
     constexprs = dict(
-        M=plan.M, BM=blocks.rows, BN=blocks.cols, KE_PAD=plan.KE_PAD, E_PAD=plan.E_PAD, HYDRA=plan.hydra,
+        RANK=plan.r, M=plan.M, BM=blocks.rows, BN=blocks.cols, KE_PAD=plan.KE_PAD, E_PAD=plan.E_PAD, HYDRA=plan.hydra,
         GATED=gates is not None, ATOMIC=splits > 1, SUM_BIAS=sum_bias, SUM_TASK=dtask_tok is not None,
         SUM_ALPHA=dalpha_tok is not None,
     )

@@ -15,8 +15,8 @@ from .tiles import rank_tile
 @triton.jit
 def expand_kernel(
     h_ptr, gates_ptr, b_ptrs, base_ptrs, y_ptrs, d_outs, block_starts,
-    T, E, HR, r, scaling,
-    M: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, KE_PAD: tl.constexpr,
+    T, E, HR, scaling,
+    RANK: tl.constexpr, M: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, KE_PAD: tl.constexpr,
     HYDRA: tl.constexpr, GATED: tl.constexpr, HAS_BASE: tl.constexpr,
 ):
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
@@ -24,16 +24,16 @@ def expand_kernel(
     rows64 = rows.to(tl.int64)
     pid_n = tl.program_id(1)
     ck = tl.arange(0, KE_PAD)
-    KE = E * r
+    KE = E * RANK
     for m in tl.static_range(M):
         if (pid_n >= block_starts[m]) & (pid_n < block_starts[m + 1]):
             d_out = d_outs[m]
             n = (pid_n - block_starts[m]) * BN + tl.arange(0, BN)
             n_ok = n < d_out
-            gated = rank_tile(h_ptr, gates_ptr, rows64, row_ok, ck, M * HR, m * HR, E, KE, r, HYDRA, GATED)
+            gated = rank_tile(h_ptr, gates_ptr, rows64, row_ok, ck, M * HR, m * HR, E, KE, RANK, HYDRA, GATED)
             b_t = tl.load(b_ptrs[m] + n[None, :] * KE + ck[:, None], mask=n_ok[None, :] & (ck < KE)[:, None],
                           other=0.0).to(tl.float32)
-            y = tl.dot(gated, b_t, input_precision="ieee") * scaling
+            y = tl.dot(gated, b_t, input_precision="tf32x3") * scaling
             out = rows64[:, None] * d_out + n[None, :]
             ok = row_ok[:, None] & n_ok[None, :]
             if HAS_BASE:
@@ -51,16 +51,16 @@ def member_block_starts(d_outs, block_cols):
 
 def run_expand(plan: GroupPlan, h, gates, Bs, bases, out_dtype):
     """One output per member: base + s * (g (x) h) B^T, or the delta alone when bases is None."""
-    blocks = plan.output_blocks
+    blocks = plan.tiles("expand")
     device = h.device
     ys = tuple(torch.empty(plan.T, d, dtype=out_dtype, device=device) for d in plan.d_outs)
     starts = member_block_starts(plan.d_outs, blocks.cols)
     args = dict(
         h_ptr=h, gates_ptr=h if gates is None else gates, b_ptrs=tuple(Bs),
         base_ptrs=ys if bases is None else tuple(bases), y_ptrs=ys, d_outs=plan.d_outs, block_starts=starts,
-        T=plan.T, E=plan.E, HR=plan.HR, r=plan.r, scaling=plan.scaling,
+        T=plan.T, E=plan.E, HR=plan.HR, scaling=plan.scaling,
     )
-    constexprs = dict(M=plan.M, BM=blocks.rows, BN=blocks.cols, KE_PAD=plan.KE_PAD, HYDRA=plan.hydra,
+    constexprs = dict(RANK=plan.r, M=plan.M, BM=blocks.rows, BN=blocks.cols, KE_PAD=plan.KE_PAD, HYDRA=plan.hydra,
                       GATED=gates is not None, HAS_BASE=bases is not None)
     launch(expand_kernel, (triton.cdiv(plan.T, blocks.rows), starts[-1]), args, constexprs, blocks.num_warps)
     return list(ys)

@@ -44,8 +44,8 @@ def input_grad_kernel(
                          other=0.0)
             w = tl.load(w_ptr + ce[:, None] * D + cols[None, :], mask=(ce < E)[:, None] & col_ok[None, :],
                         other=0.0).to(tl.float32)
-            acc_w += tl.dot(tl.trans(dl), xt * scale, input_precision="ieee")
-            dx += tl.dot(dl, w, input_precision="ieee") * scale
+            acc_w += tl.dot(tl.trans(dl), xt * scale, input_precision="tf32x3")
+            dx += tl.dot(dl, w, input_precision="tf32x3") * scale
         updated = ()
         for m in tl.static_range(M):
             scale = dropout_scale(offsets, seed, m + 1, dropout_p, DROPOUT)
@@ -76,7 +76,7 @@ def input_grad_kernel(
 def run_input_grad(plan: GroupPlan, x, As, router_weight, dh, dlogits, weight_grads):
     """Returns dx (x's dtype); writes dA_m and dW_r into the fp32 buffers of `weight_grads`
     (which start zeroed unless plan.deterministic: split programs add into them atomically)."""
-    blocks = plan.blocks
+    blocks = plan.tiles("input_grad")
     columns = triton.cdiv(plan.d_in, blocks.cols)
     splits, per_split = plan.token_splits(columns, blocks.rows)
     dx = torch.empty_like(x)

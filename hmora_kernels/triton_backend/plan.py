@@ -10,8 +10,9 @@ from typing import Tuple
 
 # Limits of the kernels; above them the caller gets a ValueError that names backend='torch'.
 MAX_RANK_WIDTH = 128   # E * r: width of the gate-scaled rank block kept in registers
-MAX_EXPERTS = 64       # E: router logits and routing live in one register tile
+MAX_EXPERTS = 16       # E: router logits and routing live in one register tile
 MAX_MEMBERS = 4        # members sharing one x and one router (q/k/v is 3)
+MAX_GROUP_RANK = 256   # sum over members of the padded width of h_m: the forward keeps all of them in registers
 
 KIND_CODES = {"token": 0, "task": 1, "hybrid": 2, "none": 3}  # "none": plain LoRA, no router, gates = 1
 ROUTER_NONE, ROUTER_WEIGHT, ROUTER_LOGITS = 0, 1, 2           # where the logits come from
@@ -88,17 +89,12 @@ class GroupPlan:
 
     @property
     def wide(self) -> bool:
-        """The register-heavy tier: all members' rank accumulators together exceed 128 fp32 columns."""
+        """The register-heavy tier: the members' rank accumulators together exceed 128 fp32 columns, or E*r > 64."""
         return self.M * self.R_PAD > 128 or self.KE_PAD > 64
 
-    @property
-    def blocks(self) -> Blocks:
-        return Blocks(rows=32, cols=32, num_warps=8) if self.wide else Blocks(rows=64, cols=32, num_warps=4)
-
-    @property
-    def output_blocks(self) -> Blocks:
-        """Tiles over (T, d_out): the expand GEMM and the B gradient."""
-        return Blocks(rows=64, cols=64, num_warps=4) if self.KE_PAD <= 64 else Blocks(rows=32, cols=64, num_warps=4)
+    def tiles(self, kernel: str) -> Blocks:
+        """The one tile configuration of `kernel` for this group (chosen so that no kernel spills; see aot.py)."""
+        return TILES[kernel][self.wide]
 
     def token_splits(self, column_programs: int, block_rows: int) -> Tuple[int, int]:
         """(splits, tokens per split) of a weight-gradient reduction over tokens: one split when deterministic
@@ -115,7 +111,17 @@ class GroupPlan:
         return self.seed & 0xFFFFFFFF
 
 
-def check_limits(E: int, r: int, num_members: int) -> None:
+# kernel -> (narrow tier, wide tier)
+TILES = {
+    "shrink_route": (Blocks(rows=32, cols=32, num_warps=8), Blocks(rows=16, cols=16, num_warps=8)),
+    "expand": (Blocks(rows=32, cols=32, num_warps=8), Blocks(rows=16, cols=32, num_warps=8)),
+    "rank_grad": (Blocks(rows=16, cols=32, num_warps=8), Blocks(rows=16, cols=32, num_warps=8)),
+    "input_grad": (Blocks(rows=16, cols=32, num_warps=8), Blocks(rows=16, cols=16, num_warps=8)),
+    "b_grad": (Blocks(rows=32, cols=64, num_warps=8), Blocks(rows=16, cols=32, num_warps=8)),
+}
+
+
+def check_limits(E: int, r: int, hydra: bool, num_members: int) -> None:
     fix = "use backend='torch' (same signature) for this layer"
     if E * r > MAX_RANK_WIDTH:
         raise ValueError(f"triton backend: E*r = {E}*{r} = {E * r} exceeds the kernels' limit {MAX_RANK_WIDTH}; {fix}")
@@ -124,5 +130,12 @@ def check_limits(E: int, r: int, num_members: int) -> None:
     if num_members > MAX_MEMBERS:
         raise ValueError(
             f"triton backend: {num_members} members share one router, the kernels take at most {MAX_MEMBERS}; "
+            f"split the group or {fix}"
+        )
+    group_rank = num_members * padded(r if hydra else E * r)
+    if group_rank > MAX_GROUP_RANK:
+        raise ValueError(
+            f"triton backend: {num_members} members x rank width {r if hydra else E * r} (padded to "
+            f"{padded(r if hydra else E * r)}) = {group_rank} exceeds the kernels' limit {MAX_GROUP_RANK}; "
             f"split the group or {fix}"
         )

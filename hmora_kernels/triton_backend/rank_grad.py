@@ -14,12 +14,23 @@ from .tiles import KIND_HYBRID, KIND_NONE, KIND_TASK, KIND_TOKEN, gates_from_pro
 
 
 @triton.jit
+def segment_sums(tile, segment_of_col, out_cols, num_segments):
+    """out[:, s] = sum of tile[:, c] over the columns c with segment_of_col[c] == s, exact fp32 (a one-hot tl.dot
+    here would replicate the tile in every warp and spill; this is a few element-wise passes instead)."""
+    out = tl.zeros((tile.shape[0], out_cols.shape[0]), tl.float32)
+    for s in range(num_segments):
+        part = tl.sum(tl.where(segment_of_col[None, :] == s, tile, 0.0), axis=1)
+        out = tl.where(out_cols[None, :] == s, part[:, None], out)
+    return out
+
+
+@triton.jit
 def rank_grad_kernel(
     dy_ptrs, b_ptrs, d_outs, h_ptr, gates_ptr, p_tok_ptr, task_ptr, alpha_ptr,
     dgates_in_ptr, dp_tok_in_ptr, dlogits_in_ptr,
     dh_ptr, dlogits_ptr, dtask_tok_ptr, dalpha_tok_ptr,
-    T, E, HR, r, seq_len, top_k, scaling,
-    M: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, KE_PAD: tl.constexpr, R_PAD: tl.constexpr,
+    T, E, HR, seq_len, top_k, scaling,
+    RANK: tl.constexpr, M: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, KE_PAD: tl.constexpr, R_PAD: tl.constexpr,
     E_PAD: tl.constexpr, HYDRA: tl.constexpr, KIND: tl.constexpr, TOP_K: tl.constexpr,
     RENORM_SOFTMAX: tl.constexpr, HAS_DGATES: tl.constexpr, HAS_DP_TOK: tl.constexpr, HAS_DLOGITS: tl.constexpr,
 ):
@@ -29,11 +40,7 @@ def rank_grad_kernel(
     ck = tl.arange(0, KE_PAD)
     ce = tl.arange(0, E_PAD)
     rk = tl.arange(0, R_PAD)
-    KE = E * r
-    GATED: tl.constexpr = KIND != KIND_NONE
-    # one-hot maps as fp32 matrices: column c of the rank block belongs to expert c // r and rank c % r
-    expert_of = (((ck // r)[:, None] == ce[None, :]) & (ck < KE)[:, None]).to(tl.float32)
-    rank_of = (((ck % r)[:, None] == rk[None, :]) & (ck < KE)[:, None]).to(tl.float32)
+    KE = E * RANK
     dgates = tl.zeros((BM, E_PAD), tl.float32)
     for m in tl.static_range(M):
         d_out = d_outs[m]
@@ -47,19 +54,19 @@ def rank_grad_kernel(
                         other=0.0).to(tl.float32)
             acc += tl.dot(dy, b)
         d_gated = acc * scaling
-        if GATED:
-            h = rank_tile(h_ptr, gates_ptr, rows64, row_ok, ck, M * HR, m * HR, E, KE, r, HYDRA, False)
-            dgates += tl.dot(d_gated * h, expert_of, input_precision="ieee")
-            g = tl.load(gates_ptr + rows64[:, None] * E + (ck // r)[None, :], mask=row_ok[:, None] & (ck < KE)[None, :],
+        if KIND != KIND_NONE:
+            h = rank_tile(h_ptr, gates_ptr, rows64, row_ok, ck, M * HR, m * HR, E, KE, RANK, HYDRA, False)
+            dgates += segment_sums(d_gated * h, ck // RANK, ce, E)
+            g = tl.load(gates_ptr + rows64[:, None] * E + (ck // RANK)[None, :], mask=row_ok[:, None] & (ck < KE)[None, :],
                         other=0.0)
             d_gated = d_gated * g
         if HYDRA:
-            dh = tl.dot(d_gated, rank_of, input_precision="ieee")
+            dh = segment_sums(d_gated, ck % RANK, rk, RANK)
         else:
             dh = d_gated
         tl.store(dh_ptr + rows64[:, None] * (M * HR) + m * HR + rk[None, :], dh,
                  mask=row_ok[:, None] & (rk < HR)[None, :])
-    if GATED:
+    if KIND != KIND_NONE:
         valid = row_ok[:, None] & (ce < E)[None, :]
         e_offsets = rows64[:, None] * E + ce[None, :]
         if HAS_DGATES:
@@ -100,7 +107,7 @@ def run_rank_grad(plan: GroupPlan, dys, Bs, h, gates, p_tok, task_probs, alpha, 
     dlogits = torch.empty(T, E, **f32) if p_tok is not None else None
     dtask_tok = torch.empty(T, E, **f32) if plan.kind in ("task", "hybrid") else None
     dalpha_tok = torch.empty(T, **f32) if plan.kind == "hybrid" else None
-    blocks = plan.blocks
+    blocks = plan.tiles("rank_grad")
 
     def ptr(t):
         return h if t is None else t  # absent tensors are never touched (constexpr-guarded)
@@ -110,10 +117,10 @@ def run_rank_grad(plan: GroupPlan, dys, Bs, h, gates, p_tok, task_probs, alpha, 
         p_tok_ptr=ptr(p_tok), task_ptr=ptr(task_probs), alpha_ptr=ptr(alpha), dgates_in_ptr=ptr(dgates_in),
         dp_tok_in_ptr=ptr(dp_tok_in), dlogits_in_ptr=ptr(dlogits_in), dh_ptr=dh, dlogits_ptr=ptr(dlogits),
         dtask_tok_ptr=ptr(dtask_tok), dalpha_tok_ptr=ptr(dalpha_tok),
-        T=T, E=E, HR=plan.HR, r=plan.r, seq_len=plan.seq_len, top_k=plan.top_k, scaling=plan.scaling,
+        T=T, E=E, HR=plan.HR, seq_len=plan.seq_len, top_k=plan.top_k, scaling=plan.scaling,
     )
     constexprs = dict(
-        M=plan.M, BM=blocks.rows, BN=plan.output_blocks.cols, KE_PAD=plan.KE_PAD, R_PAD=plan.R_PAD,
+        RANK=plan.r, M=plan.M, BM=blocks.rows, BN=blocks.cols, KE_PAD=plan.KE_PAD, R_PAD=plan.R_PAD,
         E_PAD=plan.E_PAD, HYDRA=plan.hydra, KIND=plan.kind_code, TOP_K=plan.top_k > 0,
         RENORM_SOFTMAX=plan.renorm_softmax, HAS_DGATES=dgates_in is not None, HAS_DP_TOK=dp_tok_in is not None,
         HAS_DLOGITS=dlogits_in is not None,

@@ -42,7 +42,7 @@ def shrink_route_kernel(
             w_t = tl.load(w_ptr + ce[None, :] * D + cols[:, None], mask=(ce < E)[None, :] & col_ok[:, None],
                           other=0.0).to(tl.float32)
             xr = xt * dropout_scale(offsets, seed, 0, dropout_p, DROPOUT)
-            logits += tl.dot(xr, w_t, input_precision="ieee")
+            logits += tl.dot(xr, w_t, input_precision="tf32x3")
         updated = ()
         for m in tl.static_range(M):
             a_t = tl.load(a_ptrs[m] + rk[None, :] * D + cols[:, None], mask=(rk < HR)[None, :] & col_ok[:, None],
@@ -80,7 +80,7 @@ def run_shrink_route(plan: GroupPlan, x, As, router_weight, router_bias, router_
     logits = torch.empty(T, E, dtype=torch.float32, device=x.device) if plan.computes_logits else None
     p_tok = torch.empty(T, E, dtype=torch.float32, device=x.device) if routed and plan.kind != "task" else None
     gates = torch.empty(T, E, dtype=torch.float32, device=x.device) if routed else None
-    blocks = plan.blocks
+    blocks = plan.tiles("shrink_route")
 
     def ptr(t):
         return x if t is None else t  # absent inputs: never read (constexpr-guarded), any pointer will do

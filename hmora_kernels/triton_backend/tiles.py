@@ -4,12 +4,12 @@ import triton.language as tl
 
 from .plan import KIND_CODES, ROUTER_LOGITS as _ROUTER_LOGITS, ROUTER_WEIGHT as _ROUTER_WEIGHT
 
-KIND_TOKEN: tl.constexpr = KIND_CODES["token"]
-KIND_TASK: tl.constexpr = KIND_CODES["task"]
-KIND_HYBRID: tl.constexpr = KIND_CODES["hybrid"]
-KIND_NONE: tl.constexpr = KIND_CODES["none"]
-ROUTER_WEIGHT: tl.constexpr = _ROUTER_WEIGHT
-ROUTER_LOGITS: tl.constexpr = _ROUTER_LOGITS
+KIND_TOKEN = tl.constexpr(KIND_CODES["token"])
+KIND_TASK = tl.constexpr(KIND_CODES["task"])
+KIND_HYBRID = tl.constexpr(KIND_CODES["hybrid"])
+KIND_NONE = tl.constexpr(KIND_CODES["none"])
+ROUTER_WEIGHT = tl.constexpr(_ROUTER_WEIGHT)
+ROUTER_LOGITS = tl.constexpr(_ROUTER_LOGITS)
 
 
 @triton.jit
@@ -72,15 +72,15 @@ def gates_from_probs(p, cols, valid, top_k, TOP_K: tl.constexpr, RENORM_SOFTMAX:
 
 
 @triton.jit
-def rank_tile(h_ptr, gates_ptr, rows64, row_ok, ck, h_stride, h_col0, E, KE, r,
+def rank_tile(h_ptr, gates_ptr, rows64, row_ok, ck, h_stride, h_col0, E, KE, RANK: tl.constexpr,
               HYDRA: tl.constexpr, GATED: tl.constexpr):
     """(BM, KE_PAD) operand of the expand GEMM: column c = e*r + j holds g[t, e] * h[t, j (Hydra) or c]."""
     ok = row_ok[:, None] & (ck < KE)[None, :]
     if HYDRA:
-        h_cols = ck % r
+        h_cols = ck % RANK
     else:
         h_cols = ck
     tile = tl.load(h_ptr + rows64[:, None] * h_stride + h_col0 + h_cols[None, :], mask=ok, other=0.0).to(tl.float32)
     if GATED:
-        tile = tile * tl.load(gates_ptr + rows64[:, None] * E + (ck // r)[None, :], mask=ok, other=0.0)
+        tile = tile * tl.load(gates_ptr + rows64[:, None] * E + (ck // RANK)[None, :], mask=ok, other=0.0)
     return tile

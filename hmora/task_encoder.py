@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import nn
@@ -9,14 +10,27 @@ from torch import nn
 MAX_SOURCE_POSITIONS = 5000
 
 
-def sinusoid_table(length: int, d: int) -> torch.Tensor:
-    """PE[pos, 2i] = sin(pos exp(-2i ln(10000) / d)), PE[pos, 2i+1] = cos(same); (length, d) fp32."""
-    position = torch.arange(length, dtype=torch.float32).unsqueeze(1)
-    frequency = torch.exp(torch.arange(0, d, 2, dtype=torch.float32) * (-math.log(10000.0) / d))
-    table = torch.zeros(length, d)
-    table[:, 0::2] = torch.sin(position * frequency)
-    table[:, 1::2] = torch.cos(position * frequency)[:, : d // 2]
-    return table
+def sinusoid_frequencies(d: int) -> torch.Tensor:
+    """exp(-2i ln(10000) / d), i = 0 .. ceil(d/2) - 1, correctly rounded to fp32.
+
+    Computed in float64: an fp32 `torch.exp` may differ in the last bit between CPUs, and at positions near 5000
+    one ulp of a frequency moves the table by ~2e-4 (see tests/test_hmora_parity.py).
+    """
+    exponent = torch.arange(0, d, 2, dtype=torch.float32) * (-math.log(10000.0) / d)
+    return torch.exp(exponent.double()).float()
+
+
+def sinusoid_table(length: int, d: int, frequencies: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """PE[pos, 2i] = sin(pos f_i), PE[pos, 2i+1] = cos(pos f_i), f = `sinusoid_frequencies(d)`; (length, d) fp32.
+
+    The fp32 product pos * f_i is what the reference rounds; sin and cos are taken of it in float64.
+    """
+    frequencies = sinusoid_frequencies(d) if frequencies is None else frequencies
+    angle = (torch.arange(length, dtype=torch.float32).unsqueeze(1) * frequencies).double()
+    table = torch.zeros(length, d, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(angle)
+    table[:, 1::2] = torch.cos(angle)[:, : d // 2]
+    return table.float()
 
 
 class TaskEncoder(nn.Module):

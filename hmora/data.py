@@ -136,8 +136,21 @@ def encode_example(tokenizer, template: PromptTemplate, source: str, target: str
     prompt = tokenizer(template.format_source(source))["input_ids"]
     answer = tokenizer(template.format_target(target, tokenizer), add_special_tokens=False)["input_ids"]
     num_prompt, num_answer = _longest_first(len(prompt), len(answer), max_length)
-    task_ids = tokenizer(source, add_special_tokens=False)["input_ids"][:max_length]
-    return Example(tuple(prompt[:num_prompt] + answer[:num_answer]), num_prompt, tuple(task_ids))
+    return Example(tuple(prompt[:num_prompt] + answer[:num_answer]), num_prompt,
+                   task_tokens(tokenizer, source, max_length))
+
+
+def task_tokens(tokenizer, source: str, max_length: int = DEFAULT_MAX_LENGTH) -> Tuple[int, ...]:
+    """What the task router reads: the raw source, no template, no special tokens."""
+    return tuple(tokenizer(source, add_special_tokens=False)["input_ids"][:max_length])
+
+
+def encode_prompt(tokenizer, template: PromptTemplate, source: str,
+                  max_length: int = DEFAULT_MAX_LENGTH) -> Tuple[List[int], Tuple[int, ...]]:
+    """(prompt ids ending in the answer header, task ids) for generation, tokenised as in training."""
+    prompt = tokenizer(template.format_source(source))["input_ids"]
+    header = tokenizer(template.answer_prefix, add_special_tokens=False)["input_ids"]
+    return (prompt + header)[-max_length:], task_tokens(tokenizer, source, max_length)
 
 
 def _longest_first(num_prompt: int, num_answer: int, max_length: int) -> Tuple[int, int]:

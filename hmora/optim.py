@@ -5,13 +5,9 @@ from typing import Dict, List, Optional
 
 import torch
 
-# Names of the LoRA / expert B matrices: ours and the reference implementation's.
-B_MATRIX_NAME_PARTS = ("lora_B", "lora_b", "mora_b", "B_cat", "b_cat")
+from .model import HMoRAModel
+
 SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
-
-
-def is_b_matrix(name: str) -> bool:
-    return any(part in name for part in B_MATRIX_NAME_PARTS)
 
 
 def parameter_groups(model: torch.nn.Module, lr: float, eta_b: float) -> List[Dict]:
@@ -19,7 +15,7 @@ def parameter_groups(model: torch.nn.Module, lr: float, eta_b: float) -> List[Di
     b_params, other_params = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (b_params if is_b_matrix(name) else other_params).append(param)
+            (b_params if HMoRAModel.is_b_matrix(name) else other_params).append(param)
     if not b_params and not other_params:
         raise ValueError("the model has no trainable parameters; wrap it with hmora.get_hmora_model first")
     return [{"params": other_params, "lr": lr}, {"params": b_params, "lr": eta_b * lr}]

@@ -225,7 +225,7 @@ def train(model, examples: Sequence[Example], args: TrainArgs, *, pad_id: int, t
                 out = model(**batch)
             out.loss.backward()  # summed over the window, as the reference recipe does
             losses.append(out.loss.item())
-            aux_losses.append(float(out.aux_loss))
+            aux_losses.append(out.aux_loss.item())
             entropies.append(routing_entropy(out.router_probs, batch["attention_mask"]))
         task_ids, task_mask = left_pad([e.task_ids for e in window], pad_id)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):

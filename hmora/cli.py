@@ -1,0 +1,294 @@
+"""Console scripts `hmora-train` and `hmora-generate`.
+
+`hmora-train` with no --model and no --dataset trains the embedded default (hmora.tiny: a tiny random Qwen2 on
+synthetic tasks), prints the loss falling and the per-task routing, saves a checkpoint, reloads it and generates.
+The HMoRA flags keep the reference script's names; booleans also take a `--no-` form and default to the paper
+setting of `HMoRAConfig`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import sys
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from .config import HMoRAConfig
+from .data import (DEFAULT_MAX_LENGTH, TEMPLATES, PromptTemplate, encode_prompt, encode_rows, left_pad, load_rows,
+                   task_tokens, template_for)
+from .model import HMoRAModel, get_hmora_model
+from .optim import SCHEDULES
+from .tiny import build_tiny_base, build_tiny_tokenizer, synthetic_rows
+from .train import (ADAPTER_DIR, RUN_INFO_FILE, TOKENIZER_DIR, TrainArgs, latest_checkpoint, seed_everything,
+                    train)
+
+TINY_BASE_DIR = "base"
+TINY_NUM_ROWS = 4000
+# the embedded default's settings; flags given on the command line win
+TINY_METHOD = dict(num_experts=4, lora_r=8, lora_alpha=16, dropout=0.0)
+TINY_TRAINING = dict(max_steps=600, num_epochs=10, batch_size=16, accumulation_steps=1, lr=3e-3, eta_b=1.2, warmup_steps=20,
+                     schedule_name="constant_with_warmup", log_steps=25)
+# HMoRAConfig fields that are not command-line flags: filled from the base model or family tables
+NOT_FLAGS = ("max_llm_layer", "hidden_size", "model_type", "padding_side", "task_token_id", "qkv_modules",
+             "w_i_modules")
+
+
+def _add_method_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per HMoRAConfig field (reference names); absent flags leave the config default."""
+    group = parser.add_argument_group("HMoRA method (HMoRAConfig fields; default: the paper setting)")
+    for f in dataclasses.fields(HMoRAConfig):
+        if f.name in NOT_FLAGS:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kwargs = dict(default=argparse.SUPPRESS, help=f"default {default}")
+        if isinstance(default, bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif f.name in ("target_modules", "target_modules_lora"):
+            kwargs["nargs"] = "+"
+        else:
+            kwargs["type"] = type(default) if isinstance(default, (int, float, str)) else str
+        group.add_argument(f"--{f.name}", **kwargs)
+
+
+def _add_training_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("training (reference script names)")
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainArgs)}
+    for name, type_ in [("max_steps", int), ("num_epochs", int), ("batch_size", int), ("accumulation_steps", int),
+                        ("lr", float), ("eta_b", float), ("weight_decay", float), ("warmup_steps", int),
+                        ("max_grad_norm", float), ("save_steps", int), ("log_steps", int)]:
+        group.add_argument(f"--{name}", type=type_, default=argparse.SUPPRESS, help=f"default {defaults[name]}")
+    group.add_argument("--schedule_name", choices=SCHEDULES, default=argparse.SUPPRESS, help="default constant")
+    group.add_argument("--seed", type=int, default=argparse.SUPPRESS, help="default 0")
+    group.add_argument("--bf16", action="store_true", default=argparse.SUPPRESS,
+                       help="bfloat16 autocast (weights and optimizer state stay fp32)")
+
+
+def train_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hmora-train", description="Train an HMoRA adapter. With no --model and no --dataset: the embedded "
+        "tiny default (random Qwen2, synthetic tasks, about a minute on 2 CPU cores).")
+    parser.add_argument("--model", help="a local transformers causal-LM directory (default: the tiny model)")
+    parser.add_argument("--dataset", help="a .parquet or .jsonl file of rows with 'source' and 'target' "
+                        "(default: the synthetic tasks; rows with a 'task' field also get a per-task routing report)")
+    parser.add_argument("--template", choices=sorted(TEMPLATES), help="prompt template (default: by model family)")
+    parser.add_argument("--max_length", type=int, default=DEFAULT_MAX_LENGTH)
+    parser.add_argument("--output_dir", default="hmora-output")
+    parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                        help="continue a run exactly: from CHECKPOINT, or from the latest checkpoint-N of "
+                        "--output_dir; the method config, dataset and training flags come from the checkpoint")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--max_new_tokens", type=int, default=16, help="for the generation demo at the end")
+    _add_training_flags(parser)
+    _add_method_flags(parser)
+    return parser
+
+
+# ---- loading -----------------------------------------------------------------------------------------------
+def load_base(path: str, device: str):
+    """The causal LM of a local transformers model directory, in fp32 (nothing is downloaded)."""
+    from transformers import AutoModelForCausalLM
+
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"model {path!r}: expected a local transformers model directory with a "
+                                "config.json (nothing is downloaded)")
+    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True).float().to(device)
+
+
+def load_tokenizer(path: str):
+    """The tokenizer of a local directory, padding on the left (the pad token falls back to eos)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint-N directory: `path` itself, or the latest checkpoint in the run directory `path`."""
+    if os.path.isfile(os.path.join(path, RUN_INFO_FILE)):
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise FileNotFoundError(f"{path!r} is neither a checkpoint directory (no {RUN_INFO_FILE}) nor a run "
+                                "directory holding checkpoint-N directories")
+    return latest
+
+
+def load_checkpoint(checkpoint: str, device: str, model_path: Optional[str] = None):
+    """(HMoRA model, tokenizer, template, run info) of a checkpoint written by hmora-train, nothing downloaded.
+
+    The base model is the checkpoint's own copy (the tiny default) or the one its run was trained on, unless
+    `model_path` names another directory holding the same model.
+    """
+    with open(os.path.join(checkpoint, RUN_INFO_FILE), encoding="utf-8") as f:
+        run = json.load(f)
+    base = load_base(model_path or os.path.join(checkpoint, run["base_model"]), device)
+    model = HMoRAModel.from_pretrained(base, os.path.join(checkpoint, ADAPTER_DIR))
+    return model, load_tokenizer(os.path.join(checkpoint, TOKENIZER_DIR)), TEMPLATES[run["template"]], run
+
+
+# ---- reports -----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def task_routing(model: HMoRAModel, tokenizer, rows: Sequence[Dict[str, str]], max_length: int):
+    """task -> mean task-router probabilities (E,), averaged over the task's rows and every task router."""
+    by_task: Dict[str, List[str]] = {}
+    for row in rows:
+        by_task.setdefault(row["task"], []).append(row["source"])
+    model.eval()
+    report = {}
+    for task, sources in by_task.items():
+        ids, mask = left_pad([task_tokens(tokenizer, s, max_length) for s in sources], tokenizer.pad_token_id)
+        device = model.device
+        probs = model.task_router_probs(model.task_representation(task_input_ids=ids.to(device),
+                                                                  task_attention_mask=mask.to(device)))
+        if not probs:
+            return {}
+        report[task] = torch.stack([p.float().mean(0) for p in probs.values()]).mean(0).cpu()
+    return report
+
+
+def format_task_routing(report: Dict[str, torch.Tensor]) -> str:
+    experts = len(next(iter(report.values())))
+    lines = ["per-task routing (mean task-router probability per expert):",
+             "  task     " + "".join(f"  expert{e}" for e in range(experts))]
+    for task, probs in report.items():
+        lines.append(f"  {task:<8} " + "".join(f"  {p:7.3f}" for p in probs.tolist()))
+    return "\n".join(lines)
+
+
+@torch.no_grad()
+def generate_answers(model: HMoRAModel, tokenizer, template: PromptTemplate, sources: Sequence[str],
+                     max_new_tokens: int, max_length: int = DEFAULT_MAX_LENGTH) -> List[str]:
+    """Greedy answers: prompt = template prompt + answer header; the task router reads the raw source."""
+    encoded = [encode_prompt(tokenizer, template, s, max_length) for s in sources]
+    pad = tokenizer.pad_token_id
+    ids, mask = left_pad([prompt for prompt, _ in encoded], pad)
+    task_ids, task_mask = left_pad([task for _, task in encoded], pad)
+    device = model.device
+    model.eval()
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                         task_input_ids=task_ids.to(device), task_attention_mask=task_mask.to(device),
+                         max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                         eos_token_id=tokenizer.convert_tokens_to_ids(template.end_token(tokenizer)))
+    return tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+
+
+# ---- hmora-train -------------------------------------------------------------------------------------------
+def _given(namespace: argparse.Namespace, names) -> Dict:
+    return {n: getattr(namespace, n) for n in names if hasattr(namespace, n)}
+
+
+def _quiet_transformers() -> None:
+    """Our own bar and log lines are the report; transformers' save/load progress bars only add noise."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+
+def train_main(argv: Optional[Sequence[str]] = None) -> int:
+    args = train_parser().parse_args(argv)
+    _quiet_transformers()
+    try:
+        run_training(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"hmora-train: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run_training(args: argparse.Namespace) -> str:
+    """Build or resume the run, train it, report per-task routing, reload the checkpoint and generate."""
+    method_names = [f.name for f in dataclasses.fields(HMoRAConfig) if f.name not in NOT_FLAGS]
+    training_names = [f.name for f in dataclasses.fields(TrainArgs) if f.name != "output_dir"]
+    method_flags, training_flags = _given(args, method_names), _given(args, training_names)
+    base_copy = os.path.join(args.output_dir, TINY_BASE_DIR)
+    resume_from = None
+    if args.resume is not None:
+        if method_flags:
+            raise ValueError(f"--resume continues the checkpoint's method config; drop {sorted(method_flags)}")
+        resume_from = resolve_checkpoint(args.output_dir if args.resume == "latest" else args.resume)
+        model, tokenizer, template, run = load_checkpoint(resume_from, args.device, args.model)
+        saved = {k: v for k, v in run["train_args"].items() if k != "output_dir"}
+        train_args = TrainArgs(output_dir=args.output_dir, **{**saved, **training_flags})
+        dataset, max_length = args.dataset or run["dataset"], run["max_length"]
+        tiny = run["base_model"] == TINY_BASE_DIR and args.model is None
+        base_path = run["base_model"] if args.model is None else os.path.abspath(args.model)
+        if tiny and not os.path.isdir(base_copy):
+            shutil.copytree(os.path.join(resume_from, TINY_BASE_DIR), base_copy)
+    else:
+        tiny, max_length = args.model is None, args.max_length
+        dataset = None if args.dataset is None else os.path.abspath(args.dataset)
+        defaults = TINY_TRAINING if tiny and dataset is None else {}
+        train_args = TrainArgs(output_dir=args.output_dir, **{**defaults, **training_flags})
+        if tiny:
+            tokenizer = build_tiny_tokenizer()
+            base = build_tiny_base(tokenizer, seed=train_args.seed)
+            base.save_pretrained(base_copy)  # before injection: the pristine base, copied into every checkpoint
+            base, base_path = base.to(args.device), TINY_BASE_DIR
+        else:
+            base, tokenizer = load_base(args.model, args.device), load_tokenizer(args.model)
+            base_path = os.path.abspath(args.model)
+        template = template_for(base.config.model_type, tokenizer, args.template)
+        seed_everything(train_args.seed)  # the adapter's initialisation
+        config = HMoRAConfig(**{**(TINY_METHOD if tiny else {}), **method_flags})
+        model = get_hmora_model(base, config, tokenizer=tokenizer)
+    rows = synthetic_rows(TINY_NUM_ROWS, seed=train_args.seed) if dataset is None else load_rows(dataset)
+    examples = encode_rows(tokenizer, template, rows, max_length)
+    model.print_trainable_parameters()
+
+    def write_base(directory: str) -> None:
+        shutil.copytree(base_copy, os.path.join(directory, TINY_BASE_DIR))
+
+    run_info = {"base_model": base_path, "dataset": dataset, "template": template.name, "max_length": max_length}
+    result = train(model, examples, train_args, pad_id=tokenizer.pad_token_id, tokenizer=tokenizer,
+                   run_info=run_info, write_extra=write_base if tiny else None, resume_from=resume_from)
+    print(f"saved {result.checkpoint}")
+
+    held_out = synthetic_rows(64, seed=train_args.seed + 1) if dataset is None else rows[:256]
+    if all("task" in row for row in held_out):
+        report = task_routing(model, tokenizer, held_out, max_length)
+        if report:
+            print(format_task_routing(report))
+
+    reloaded, tokenizer, template, _ = load_checkpoint(result.checkpoint, args.device, args.model)
+    demo = synthetic_rows(4, seed=train_args.seed + 2) if dataset is None else rows[:4]
+    answers = generate_answers(reloaded, tokenizer, template, [r["source"] for r in demo], args.max_new_tokens,
+                               max_length)
+    print(f"reloaded {result.checkpoint} and generated:")
+    for row, answer in zip(demo, answers):
+        print(f"  {row['source']!r} -> {answer!r} (target {row['target']!r})")
+    return result.checkpoint
+
+
+# ---- hmora-generate ----------------------------------------------------------------------------------------
+def generate_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hmora-generate", description="Generate with a checkpoint of hmora-train.")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a checkpoint-N directory, or a run's --output_dir (its latest checkpoint)")
+    parser.add_argument("--prompt", required=True, nargs="+", help="one or more sources (raw, no template)")
+    parser.add_argument("--model", help="the base model directory, if not where the run found it")
+    parser.add_argument("--max_new_tokens", type=int, default=32)
+    parser.add_argument("--max_length", type=int, default=DEFAULT_MAX_LENGTH)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser
+
+
+def generate_main(argv: Optional[Sequence[str]] = None) -> int:
+    args = generate_parser().parse_args(argv)
+    _quiet_transformers()
+    try:
+        model, tokenizer, template, _ = load_checkpoint(resolve_checkpoint(args.checkpoint), args.device,
+                                                        args.model)
+        answers = generate_answers(model, tokenizer, template, args.prompt, args.max_new_tokens, args.max_length)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"hmora-generate: error: {err}", file=sys.stderr)
+        return 2
+    for answer in answers:
+        print(answer)
+    return 0

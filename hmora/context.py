@@ -13,10 +13,17 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 
+def in_backward() -> bool:
+    """True while autograd runs a backward pass (where checkpointed layers are recomputed)."""
+    graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return graph_task_id is None or graph_task_id() != -1
+
+
 class ForwardContext:
     def __init__(self, task_probs: Optional[Dict[str, torch.Tensor]] = None, record: bool = False,
                  attention_mask: Optional[torch.Tensor] = None, aux_loss=None):
         self.task_probs = task_probs or {}
+        self.active = True  # inside the forward or generate that created it
         self.recording = record
         self.attention_mask = attention_mask
         self.aux_loss = aux_loss  # (p_tok, gates, mask) -> one router's auxiliary loss, for recomputation
@@ -33,7 +40,7 @@ class ForwardContext:
         """The (batch, E) task probabilities of router `owner`, repeated per sequence when generation expanded
         the batch (beams, several returned sequences)."""
         probs = self.task_probs.get(owner)
-        if probs is None:
+        if probs is None or not (self.active or in_backward()):  # never a previous batch's task weights
             raise RuntimeError(
                 f"{owner}: task routing needs the task representation of this batch; call the HMoRAModel "
                 f"(forward or generate), not the wrapped base model directly")
@@ -75,7 +82,7 @@ class ForwardContext:
     def finish(self) -> None:
         """End of the forward: no more recording; drop waiting group outputs and the recorded router values
         (the forward has put them into its output)."""
-        self.recording = False
+        self.active = self.recording = False
         self.pending = {}
         self.p_tok, self.gates = {}, {}
 

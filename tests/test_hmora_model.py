@@ -215,6 +215,15 @@ def test_task_batch_must_match_the_lm_batch():
         model(input_ids=ids, task_input_ids=ids[:, :4], task_attention_mask=mask)
 
 
+def test_the_wrapped_base_model_never_routes_with_a_previous_batchs_task_weights():
+    model = tiny_model("qwen2").eval()
+    ids, mask, _ = batch()
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+        with pytest.raises(RuntimeError, match="task routing needs the task representation of this batch"):
+            model.base_model(input_ids=ids, attention_mask=mask)
+
+
 def test_unknown_target_module_is_a_clear_error():
     with pytest.raises(ValueError, match=r"target modules \['qkv_proj'\] match no nn.Linear.*q_proj"):
         get_hmora_model(tiny_base("qwen2"), HMoRAConfig(target_modules=["q_proj", "qkv_proj"],

@@ -8,6 +8,7 @@ before anything imports them), which is what makes their loads and stores counta
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from typing import List, Optional
@@ -19,6 +20,9 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--out", default="bench-out", help="directory for results.csv, results.json and the PNGs")
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions per point (the fastest is kept)")
     parser.add_argument("--no-plots", action="store_true", help="skip the matplotlib PNGs")
+    parser.add_argument("--markdown", action="store_true", help="print the tables as Markdown (for docs/BENCHMARKS.md)")
+    parser.add_argument("--from-json", metavar="RESULTS_JSON",
+                        help="measure nothing: re-print the tables and redraw the plots of an earlier results.json")
     return parser.parse_args(argv)
 
 
@@ -29,30 +33,41 @@ def _set_interpreter_unless_cuda() -> None:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    args = _parse(argv)
-    _set_interpreter_unless_cuda()  # before benchmarks.measure imports the kernels
+def _run_suite(suite: str, repeats: int) -> List[dict]:
     from tqdm import tqdm
 
-    from . import report
     from .measure import measure
     from .suites import SUITES
 
-    if args.suite not in SUITES:
+    jobs = [(case, impl) for case in SUITES[suite] for impl in case.implementations]
+    rows = []
+    for case, impl in tqdm(jobs, desc=f"hmora-bench {suite}", unit="run"):
+        for row in measure(case.workload, impl, memory=case.memory, timing=case.timing, repeats=repeats):
+            rows.append({"section": case.section, **row.as_dict()})
+    return rows
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parse(argv)
+    _set_interpreter_unless_cuda()  # before benchmarks.measure imports the kernels
+    from . import report
+    from .suites import SUITES
+
+    if args.from_json:
+        with open(args.from_json, encoding="utf-8") as f:
+            rows = json.load(f)["rows"]
+    elif args.suite not in SUITES:
         print(f"hmora-bench: --suite expected one of {sorted(SUITES)}, got {args.suite!r}", file=sys.stderr)
         return 2
-    jobs = [(case, impl) for case in SUITES[args.suite] for impl in case.implementations]
-    rows = []
-    for case, impl in tqdm(jobs, desc=f"hmora-bench {args.suite}", unit="run"):
-        for row in measure(case.workload, impl, memory=case.memory, timing=case.timing, repeats=args.repeats):
-            rows.append({"section": case.section, **row.as_dict()})
-    rows = report.derive(rows)
-
+    else:
+        rows = report.derive(_run_suite(args.suite, args.repeats))
     os.makedirs(args.out, exist_ok=True)
-    report.write_csv(rows, os.path.join(args.out, "results.csv"))
-    report.write_json(rows, os.path.join(args.out, "results.json"), args.suite)
-    print(report.tables(rows))
-    written = [os.path.join(args.out, name) for name in ("results.csv", "results.json")]
+    written = []
+    if not args.from_json:
+        report.write_csv(rows, os.path.join(args.out, "results.csv"))
+        report.write_json(rows, os.path.join(args.out, "results.json"), args.suite)
+        written += [os.path.join(args.out, name) for name in ("results.csv", "results.json")]
+    print(report.tables(rows, markdown=args.markdown))
     if not args.no_plots:
         for plot, name in ((report.plot_scaling, "scaling_vs_tokens.png"), (report.plot_speedup, "speedup_vs_er.png")):
             path = plot(rows, os.path.join(args.out, name))

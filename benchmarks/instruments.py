@@ -89,7 +89,10 @@ class OpTraffic(TorchDispatchMode):
         self.paused = False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        if func.namespace != "aten":
+            return self._run_inside(func, args, kwargs)
+        out = func(*args, **kwargs)
         name = func.overloadpacket.__name__
         if not (self.paused or func.is_view or name in _NO_DATA_MOVED):
             tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
@@ -98,6 +101,14 @@ class OpTraffic(TorchDispatchMode):
             self.bytes += moved
             self.per_op[name] = self.per_op.get(name, 0) + moved
         return out
+
+    def _run_inside(self, func, args, kwargs):
+        """A custom op (e.g. the triton backend's) is a container, not an operator: run its implementation
+        with this mode active again so the aten operators (and kernels) inside it are the ones counted."""
+        devices = {t.device.type for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        key = torch._C.DispatchKey.CUDA if "cuda" in devices else torch._C.DispatchKey.CPU
+        with self:
+            return func.redispatch(torch._C.DispatchKeySet(key), *args, **kwargs)
 
 
 # ---------------------------------------------------------------- kernel traffic (Triton interpreter)

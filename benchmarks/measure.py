@@ -157,7 +157,7 @@ def _timed_step(problem: Problem, implementation: str, phase: str):
 
 def measure_time(w: Workload, implementation: str, problem: Problem, repeats: int) -> Dict[str, Row]:
     """CPU wall time of the torch paths (the interpreter's time means nothing); GPU time on a CUDA device."""
-    on_gpu = torch.cuda.is_available()
+    on_gpu = problem.output_grads[0].is_cuda
     rows = {}
     for phase in PHASES:
         row = _base_row(w, implementation, phase)
@@ -198,7 +198,9 @@ def measure(w: Workload, implementation: str, memory: bool, timing: bool, repeat
         for row in rows:
             row.note = reason
         return rows
-    problem = build_problem(w)
+    # the interpreter runs kernels on CPU tensors; otherwise a CUDA device is where the kernels and timings are
+    device = "cuda" if torch.cuda.is_available() and not interpreter_enabled() else "cpu"
+    problem = build_problem(w, device=device)
     try:
         mem = measure_memory(w, implementation, problem) if memory else {}
         tim = measure_time(w, implementation, problem, repeats) if timing else {}

@@ -160,13 +160,13 @@ class Problem:
             t.grad = None
 
 
-def build_problem(w: Workload, seed: int = 0) -> Problem:
+def build_problem(w: Workload, seed: int = 0, device: str = "cpu") -> Problem:
     """Random inputs, weights (B non-zero so every gradient path is exercised), bases and output grads."""
     s, T = w.setting, w.tokens
     gen = torch.Generator().manual_seed(seed)
 
-    def rand(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen) * scale).to(s.dtype).requires_grad_()
+    def rand(*shape, scale=1.0, grad=True):
+        return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=s.dtype).requires_grad_(grad)
 
     inputs, weights, grads = {}, [], []
     for a in w.adapters():
@@ -181,7 +181,7 @@ def build_problem(w: Workload, seed: int = 0) -> Problem:
             entry["router_bias"] = rand(s.num_experts, scale=0.1)
             weights += [entry["router_weight"], entry["router_bias"]]
         inputs[a.name] = entry
-        grads += [torch.randn(T, d_out, generator=gen).to(s.dtype) for d_out in a.d_outs]
+        grads += [rand(T, d_out, grad=False) for d_out in a.d_outs]
     leaves = weights + [t for e in inputs.values() for t in [e["x"], *e["bases"]]]
     return Problem(w, inputs, weights, leaves, grads)
 

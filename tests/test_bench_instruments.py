@@ -59,6 +59,21 @@ def test_op_traffic_skips_views_and_counts_broadcast_operands_once():
     assert tensor_bytes(row.expand(8, 5)) == 5 * F32
 
 
+@torch.library.custom_op("hmora_bench_test::doubled", mutates_args=())
+def _doubled(x: torch.Tensor) -> torch.Tensor:
+    y = torch.empty_like(x)
+    y.copy_(x)
+    return y.mul_(2)
+
+
+def test_op_traffic_counts_the_operators_inside_a_custom_op_not_the_op_itself():
+    x = torch.randn(10)
+    with OpTraffic() as ops:
+        _doubled(x)
+    # inputs + outputs by definition: copy_(y, x) -> y is 3 tensors, mul_(y, 2) -> y is 2 (a read-modify-write)
+    assert ops.per_op == {"copy_": 3 * 10 * F32, "mul_": 2 * 10 * F32}
+
+
 # ---------------------------------------------------------------- kernel traffic under the interpreter
 
 
@@ -162,3 +177,8 @@ def test_hmora_bench_writes_table_csv_json_and_plots(tmp_path, monkeypatch, caps
     assert (tmp_path / "results.csv").read_text().startswith("section,model")
     assert {"scaling_vs_tokens.png", "speedup_vs_er.png"} <= set(os.listdir(tmp_path))
     assert "Memory, traffic and launches" in capsys.readouterr().out
+    # re-rendering a results.json measures nothing and prints the same rows as Markdown
+    assert cli.main(["--from-json", str(tmp_path / "results.json"), "--out", str(tmp_path / "again"),
+                     "--markdown"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("| tiny | layer | 16 |") == 9 and (tmp_path / "again" / "scaling_vs_tokens.png").exists()

@@ -14,8 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from .config import HMoRAConfig
 
@@ -60,11 +60,9 @@ def read_checkpoint(directory):
             raise FileNotFoundError(f"HMoRA checkpoint file missing: {path}{hint}")
     config = HMoRAConfig.from_json_file(config_path)
     try:
-        tensors = load_file(str(weights))
-        from safetensors import safe_open
-
         with safe_open(str(weights), framework="pt") as f:
             stored = (f.metadata() or {}).get(CONFIG_METADATA_KEY)
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"HMoRA checkpoint {weights} is not a readable safetensors file ({err}); "
                          f"the file is corrupt or truncated") from None

@@ -109,24 +109,29 @@ class HMoRAModel(nn.Module):
     def get_input_embeddings(self) -> nn.Module:
         return self.base_model.get_input_embeddings()
 
-    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: Optional[dict] = None) -> None:
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: Optional[dict] = None,
+                                        **options) -> None:
         """Activation checkpointing of the base model's decoder layers, e.g. {"use_reentrant": True} (both modes
         give the gradients of the plain forward). Inputs are made to require grad so that reentrant
-        checkpointing passes gradients to the adapters of a frozen base."""
-        enable = getattr(self.base_model, "activation_checkpointing_enable", None)  # transformers >= 5.x
+        checkpointing passes gradients to the adapters of a frozen base. `options` (every_n_layers, offload:
+        transformers >= 5) go to the base model as they are."""
+        enable = getattr(self.base_model, "activation_checkpointing_enable", None)  # transformers >= 5
         if enable is not None:
-            enable(activation_checkpointing_kwargs=activation_checkpointing_kwargs)
+            enable(activation_checkpointing_kwargs=activation_checkpointing_kwargs, **options)
         else:
-            self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=activation_checkpointing_kwargs)
+            self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=activation_checkpointing_kwargs,
+                                                          **options)
         self.base_model.enable_input_require_grads()
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None, **options) -> None:
+        """The transformers < 5 name of `activation_checkpointing_enable`."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **options)
 
     def activation_checkpointing_disable(self) -> None:
         disable = getattr(self.base_model, "activation_checkpointing_disable", None)
         (disable or self.base_model.gradient_checkpointing_disable)()
 
-    # transformers < 5 names
-    gradient_checkpointing_enable = activation_checkpointing_enable
-    gradient_checkpointing_disable = activation_checkpointing_disable
+    gradient_checkpointing_disable = activation_checkpointing_disable  # the transformers < 5 name
 
     @property
     def is_activation_checkpointing(self) -> bool:

@@ -133,3 +133,18 @@ def test_merge_and_unload_folds_plain_lora_and_refuses_routed_layers():
     with torch.no_grad():
         after = merged(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+def test_reference_names_map_onto_ours():
+    """The reference's Sequential(Dropout, Linear, ReLU, Dropout, Linear) router: its k-th Linear is our k-th."""
+    from hmora.importer import map_reference_names
+
+    owner = "model.layers.1.mlp.gate_proj"
+    names = [f"{owner}.router.mlp.1.weight", f"{owner}.router.mlp.4.bias", f"{owner}.router.task_router.mlp.1.bias",
+             f"{owner}.router.alpha", f"{owner}.mora.mora_a", f"{owner}.mora.mora_b",
+             "model.layers.1.mlp.down_proj.lora.lora_b", "task_encoder.task_embedding.weight"]
+    mapped = map_reference_names({name: torch.zeros(1) for name in names})
+    assert list(mapped) == [f"{owner}.router.token_mlp.0.weight", f"{owner}.router.token_mlp.2.bias",
+                            f"{owner}.router.task_mlp.0.bias", f"{owner}.router.alpha", f"{owner}.lora_A",
+                            f"{owner}.lora_B", "model.layers.1.mlp.down_proj.lora_B",
+                            "task_encoder.task_embedding.weight"]

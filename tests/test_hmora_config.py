@@ -1,6 +1,5 @@
 """HMoRAConfig: the reference config.json loads as it is, JSON round trip, invalid values are clear errors,
 the layer schedule of SPEC 3.3."""
-import json
 import math
 from pathlib import Path
 

@@ -50,14 +50,13 @@ class Scenario:
 
 SCENARIOS = [
     Scenario("paper q/k/v: Hydra E=8 r=8, hybrid top-2, dropout (narrow tier)", (1536, 256, 256), 8, 8, hydra=True),
-    Scenario("narrow tier at its edge: 2 members x E*r = 64", (512, 512), 8, 8),
-    Scenario("narrow tier, most experts: E = 16 (the limit), r = 1, 4 members", (256,) * MAX_MEMBERS, MAX_EXPERTS, 1, hydra=True),
+    Scenario("narrow tier, most experts: E = 16 (the limit), r = 1, 4 members", (256,) * MAX_MEMBERS, MAX_EXPERTS,
+             1, hydra=True),
     Scenario("wide tier at its limit: 2 members x E*r = 128", (256, 256), 16, MAX_RANK_WIDTH // 16),
-    Scenario("wide tier, one member, r = 128 Hydra-free", (512,), 2, 64, deterministic=True),
     Scenario("fp16 activations, fp16 parameters, sum renorm", (1536, 256, 256), 8, 8, hydra=True, renorm="sum",
              dtype=torch.float16, param_dtype=torch.float16),
-    Scenario("fp32 activations, token-only soft routing, no dropout", (512, 512), 8, 8, kind="token", top_k=0,
-             dropout_p=0.0, dtype=torch.float32),
+    Scenario("narrow tier at its edge (2 members x E*r = 64), fp32, token-only soft routing, no dropout",
+             (512, 512), 8, 8, kind="token", top_k=0, dropout_p=0.0, dtype=torch.float32),
     Scenario("task-only layer", (512,), 8, 8, hydra=True, kind="task"),
     Scenario("router logits from a deeper router, deterministic", (512,), 8, 8, logits_in=True, kind="token",
              deterministic=True),

@@ -1,6 +1,7 @@
 """Backward kernel 3: the up-projection gradients of every member, plus the (T, E) -> (E,) routing sums.
 
-dB_m = s * dY_m^T (g (x) h_m)   (d_out_m, E*r), in full fp32 because the operand carries the gates.
+dB_m = s * dY_m^T (g (x) h_m)   (d_out_m, E*r), at fp32 accuracy (3xTF32) because the
+operand carries the gates.
 One extra program sums the per-token routing gradients: d bias = sum_t dlogits, d alpha = sum_t dalpha_t,
 d p_task[seq] = sum over the sequence's tokens; a fixed order, so these are deterministic in every mode.
 """
@@ -11,7 +12,7 @@ import triton.language as tl
 from .expand import member_block_starts
 from .launch import launch
 from .plan import GroupPlan
-from .tiles import rank_tile
+from .tiles import FP32_DOT, rank_tile
 
 
 @triton.jit
@@ -53,7 +54,7 @@ def b_grad_kernel(
                 dy = tl.load(dy_ptrs[m] + rows64[:, None] * d_out + n[None, :],
                              mask=row_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
                 gated = rank_tile(h_ptr, gates_ptr, rows64, row_ok, ck, M * HR, m * HR, E, KE, RANK, HYDRA, GATED)
-                acc += tl.dot(tl.trans(dy), gated, input_precision="tf32x3")
+                acc += tl.dot(tl.trans(dy), gated, input_precision=FP32_DOT)
             out = db_ptrs[m] + n[:, None] * KE + ck[None, :]
             ok = n_ok[:, None] & (ck < KE)[None, :]
             if ATOMIC:

@@ -1,7 +1,7 @@
 """Forward kernel 2 of a routed group: y_m = base_m + s * (g (x) h_m) B_m^T for every member in one launch.
 
 The (BM, E*r) operand g (x) h_m (gates broadcast over each expert's rank block) is built in registers, so the
-GEMM has K = E*r >= 16 even when r = 4; it multiplies gates, so it runs in full fp32 (no TF32).
+GEMM has K = E*r >= 16 even when r = 4; it multiplies gates, so it runs at fp32 accuracy (3xTF32).
 """
 import torch
 import triton
@@ -9,7 +9,7 @@ import triton.language as tl
 
 from .launch import launch
 from .plan import GroupPlan
-from .tiles import rank_tile
+from .tiles import FP32_DOT, rank_tile
 
 
 @triton.jit
@@ -33,7 +33,7 @@ def expand_kernel(
             gated = rank_tile(h_ptr, gates_ptr, rows64, row_ok, ck, M * HR, m * HR, E, KE, RANK, HYDRA, GATED)
             b_t = tl.load(b_ptrs[m] + n[None, :] * KE + ck[:, None], mask=n_ok[None, :] & (ck < KE)[:, None],
                           other=0.0).to(tl.float32)
-            y = tl.dot(gated, b_t, input_precision="tf32x3") * scaling
+            y = tl.dot(gated, b_t, input_precision=FP32_DOT) * scaling
             out = rows64[:, None] * d_out + n[None, :]
             ok = row_ok[:, None] & n_ok[None, :]
             if HAS_BASE:

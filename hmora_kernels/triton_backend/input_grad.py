@@ -10,7 +10,7 @@ import triton.language as tl
 
 from .launch import launch
 from .plan import GroupPlan
-from .tiles import dropout_scale
+from .tiles import FP32_DOT, dropout_scale
 
 
 @triton.jit
@@ -38,14 +38,14 @@ def input_grad_kernel(
         tile_ok = row_ok[:, None] & col_ok[None, :]
         xt = tl.load(x_ptr + offsets, mask=tile_ok, other=0.0).to(tl.float32)
         dx = tl.zeros((BM, BK), tl.float32)
-        if ROUTER_GRAD:  # routing gradients stay fp32 (no TF32)
+        if ROUTER_GRAD:  # routing gradients keep fp32 accuracy
             scale = dropout_scale(offsets, seed, 0, dropout_p, DROPOUT)
             dl = tl.load(dlogits_ptr + rows64[:, None] * E + ce[None, :], mask=row_ok[:, None] & (ce < E)[None, :],
                          other=0.0)
             w = tl.load(w_ptr + ce[:, None] * D + cols[None, :], mask=(ce < E)[:, None] & col_ok[None, :],
                         other=0.0).to(tl.float32)
-            acc_w += tl.dot(tl.trans(dl), xt * scale, input_precision="tf32x3")
-            dx += tl.dot(dl, w, input_precision="tf32x3") * scale
+            acc_w += tl.dot(tl.trans(dl), xt * scale, input_precision=FP32_DOT)
+            dx += tl.dot(dl, w, input_precision=FP32_DOT) * scale
         updated = ()
         for m in tl.static_range(M):
             scale = dropout_scale(offsets, seed, m + 1, dropout_p, DROPOUT)

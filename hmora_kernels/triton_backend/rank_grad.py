@@ -57,8 +57,8 @@ def rank_grad_kernel(
         if KIND != KIND_NONE:
             h = rank_tile(h_ptr, gates_ptr, rows64, row_ok, ck, M * HR, m * HR, E, KE, RANK, HYDRA, False)
             dgates += segment_sums(d_gated * h, ck // RANK, ce, E)
-            g = tl.load(gates_ptr + rows64[:, None] * E + (ck // RANK)[None, :], mask=row_ok[:, None] & (ck < KE)[None, :],
-                        other=0.0)
+            g = tl.load(gates_ptr + rows64[:, None] * E + (ck // RANK)[None, :],
+                        mask=row_ok[:, None] & (ck < KE)[None, :], other=0.0)
             d_gated = d_gated * g
         if HYDRA:
             dh = segment_sums(d_gated, ck % RANK, rk, RANK)
@@ -67,7 +67,8 @@ def rank_grad_kernel(
         tl.store(dh_ptr + rows64[:, None] * (M * HR) + m * HR + rk[None, :], dh,
                  mask=row_ok[:, None] & (rk < HR)[None, :])
     if KIND != KIND_NONE:
-        valid = row_ok[:, None] & (ce < E)[None, :]
+        expert_ok = (ce < E)[None, :]
+        valid = row_ok[:, None] & expert_ok
         e_offsets = rows64[:, None] * E + ce[None, :]
         if HAS_DGATES:
             dgates += tl.load(dgates_in_ptr + e_offsets, mask=valid, other=0.0).to(tl.float32)
@@ -75,7 +76,7 @@ def rank_grad_kernel(
         if KIND != KIND_TASK:
             p_tok = tl.load(p_tok_ptr + e_offsets, mask=valid, other=0.0)
         p_task, a, p = mix_probs(p_tok, rows, ce, valid, E, seq_len, task_ptr, alpha_ptr, KIND)
-        selected, gates = gates_from_probs(p, ce, valid, top_k, TOP_K, RENORM_SOFTMAX)
+        selected, gates = gates_from_probs(p, ce, expert_ok, top_k, TOP_K, RENORM_SOFTMAX)
         dp = tl.where(valid, dgates, 0.0)
         if TOP_K:
             g_dg = tl.sum(gates * dgates, axis=1)[:, None]

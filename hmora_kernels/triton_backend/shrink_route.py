@@ -10,7 +10,8 @@ import triton.language as tl
 from .launch import launch
 from .plan import GroupPlan
 from .tiles import (
-    KIND_NONE, KIND_TASK, ROUTER_LOGITS, ROUTER_WEIGHT, dropout_scale, gates_from_probs, mix_probs, softmax_rows,
+    FP32_DOT, KIND_NONE, KIND_TASK, ROUTER_LOGITS, ROUTER_WEIGHT, dropout_scale, gates_from_probs, mix_probs,
+    softmax_rows,
 )
 
 
@@ -38,11 +39,11 @@ def shrink_route_kernel(
         col_ok = cols < D
         offsets = rows64[:, None] * D + cols[None, :]
         xt = tl.load(x_ptr + offsets, mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-        if ROUTER == ROUTER_WEIGHT:  # routing is fp32 end to end, so no TF32 here
+        if ROUTER == ROUTER_WEIGHT:  # routing keeps fp32 accuracy end to end
             w_t = tl.load(w_ptr + ce[None, :] * D + cols[:, None], mask=(ce < E)[None, :] & col_ok[:, None],
                           other=0.0).to(tl.float32)
             xr = xt * dropout_scale(offsets, seed, 0, dropout_p, DROPOUT)
-            logits += tl.dot(xr, w_t, input_precision="tf32x3")
+            logits += tl.dot(xr, w_t, input_precision=FP32_DOT)
         updated = ()
         for m in tl.static_range(M):
             a_t = tl.load(a_ptrs[m] + rk[None, :] * D + cols[:, None], mask=(rk < HR)[None, :] & col_ok[:, None],
@@ -55,7 +56,8 @@ def shrink_route_kernel(
         tl.store(h_ptr + rows64[:, None] * h_stride + m * HR + rk[None, :], accs[m].to(h_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & (rk < HR)[None, :])
     if KIND != KIND_NONE:
-        valid = row_ok[:, None] & (ce < E)[None, :]
+        expert_ok = (ce < E)[None, :]  # the math masks columns only: rows past T stay finite, their stores are masked
+        valid = row_ok[:, None] & expert_ok
         e_offsets = rows64[:, None] * E + ce[None, :]
         p_tok = tl.zeros((BM, E_PAD), tl.float32)
         if KIND != KIND_TASK:
@@ -65,10 +67,10 @@ def shrink_route_kernel(
                 if HAS_BIAS:
                     logits += tl.load(bias_ptr + ce, mask=ce < E, other=0.0).to(tl.float32)[None, :]
                 tl.store(logits_ptr + e_offsets, logits, mask=valid)
-            p_tok = softmax_rows(logits, valid)
+            p_tok = softmax_rows(logits, expert_ok)
             tl.store(p_tok_ptr + e_offsets, p_tok, mask=valid)
         p_task, a, p = mix_probs(p_tok, rows, ce, valid, E, seq_len, task_ptr, alpha_ptr, KIND)
-        selected, gates = gates_from_probs(p, ce, valid, top_k, TOP_K, RENORM_SOFTMAX)
+        selected, gates = gates_from_probs(p, ce, expert_ok, top_k, TOP_K, RENORM_SOFTMAX)
         tl.store(gates_ptr + e_offsets, gates, mask=valid)
 
 

@@ -10,11 +10,17 @@ KIND_HYBRID = tl.constexpr(KIND_CODES["hybrid"])
 KIND_NONE = tl.constexpr(KIND_CODES["none"])
 ROUTER_WEIGHT = tl.constexpr(_ROUTER_WEIGHT)
 ROUTER_LOGITS = tl.constexpr(_ROUTER_LOGITS)
+# Precision of the dots that carry gates or routing values: 3xTF32 keeps fp32 accuracy on tensor cores.
+# (Plain TF32 would round gates to 10 bits; "ieee" FMA dots replicate an operand per warp and spill.)
+# The other dots (x A^T, dY B, ...) use the default: TF32 on fp32 tiles, exact for bf16 / fp16 inputs.
+# The interpreter computes every dot in full fp32.
+FP32_DOT = tl.constexpr("tf32x3")
 
 
 @triton.jit
 def dropout_scale(offsets, seed, stream: tl.constexpr, dropout_p, DROPOUT: tl.constexpr):
-    """keep / (1 - p) per element: kept iff tl.rand(seed + (stream << 32), t * d_in + j) >= p (hmora_kernels.dropout)."""
+    """keep / (1 - p) per element: kept iff tl.rand(seed + (stream << 32), t * d_in + j) >= p
+    (the stream layout of hmora_kernels.dropout)."""
     if DROPOUT:
         key = seed.to(tl.int64) + stream * 4294967296
         keep = tl.rand(key, offsets) >= dropout_p

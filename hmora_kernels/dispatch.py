@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from types import ModuleType
 
 import torch
@@ -49,6 +50,9 @@ def module_for(name: str) -> ModuleType:
 
 
 def _triton_module() -> ModuleType:
+    loaded = sys.modules.get("hmora_kernels.triton_backend")
+    if loaded is not None:  # no importlib call once loaded: torch.compile(fullgraph=True) traces through this
+        return loaded
     if not triton_available():
         raise RuntimeError("backend='triton' needs the triton package: pip install triton (or use backend='torch')")
     try:

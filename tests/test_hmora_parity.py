@@ -54,8 +54,7 @@ def fixture_machine_positions(d: int) -> torch.Tensor:
 
 
 def imported_model():
-    base = AutoModelForCausalLM.from_pretrained(str(FIXTURE / "base"), dtype=torch.float32,
-                                                attn_implementation="sdpa")
+    base = AutoModelForCausalLM.from_pretrained(str(FIXTURE / "base"), attn_implementation="sdpa")  # fp32
     # label smoothing 0.1 is a flag of the reference's training command, not part of its config.json
     return import_reference_checkpoint(base, FIXTURE / "reference_adapter", label_smoothing=0.1).eval()
 

@@ -44,7 +44,8 @@ class HMoRAConfig:
     target_modules / target_modules_lora / qkv_modules / w_i_modules: None = the model family's default
     (MODEL_FAMILIES), filled in by `get_hmora_model`. Other families: give all four (module names, the last part
     of the dotted path; [] for none).
-    max_llm_layer: index of the last decoder layer (L - 1); None = taken from the base model.
+    max_llm_layer: the L - 1 of the layer schedule; None = the base model's last layer index (as the reference,
+    a smaller value is raised to it).
     hidden_size / model_type: filled in from the base model; a checkpoint is checked against them on load.
     """
 

@@ -35,8 +35,8 @@ def complete_config(base_model: nn.Module, config: HMoRAConfig) -> None:
                     f"(built in: {sorted(MODEL_FAMILIES)}); give {', '.join(FAMILY_FIELDS)}")
             setattr(config, name, list(family[name]))
     config.model_type, config.hidden_size = model_type, hidden
-    if config.max_llm_layer is None:
-        config.max_llm_layer = base_config.num_hidden_layers - 1
+    # as the reference: the last decoder layer's index, or a larger configured value
+    config.max_llm_layer = max(config.max_llm_layer or 0, base_config.num_hidden_layers - 1)
     config.validate()
 
 

@@ -269,6 +269,7 @@ class HMoRAModel(nn.Module):
         `input_ids` (attended tokens with label -100), see `task_representation`.
         """
         kwargs.pop("num_items_in_batch", None)
+        kwargs.pop("return_dict", None)  # we read the base model's output by name
         if labels is not None and input_ids is not None and labels.shape != input_ids.shape:
             raise ValueError(f"labels {tuple(labels.shape)} must have the shape of input_ids {tuple(input_ids.shape)}")
         task_repr = self.task_representation(input_ids, attention_mask, labels, task_input_ids, task_attention_mask)

@@ -4,7 +4,10 @@ Gates are never cached on modules. The model's forward creates a `ForwardContext
 of this batch), installs it in the `RoutingState` shared by all injected layers, and in a `finally` stops
 its recording and drops every group output still waiting for its member. The context stays installed
 until the next forward, so that activation checkpointing, which recomputes layers during backward, routes
-with the same task probabilities; it holds no gates and no layer activations by then.
+with the same task probabilities; it holds no gates and no layer activations by then. Outside its forward or
+generate it serves task probabilities only to such a recomputation (never to a later direct call of the base
+model). Consequence: with activation checkpointing, backpropagate a forward's loss before the next forward of
+the same model (the order of every training loop).
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ import torch
 
 import hmora_kernels as hk
 
-from group_cases import GroupCase, make_problem, run_group
+from group_cases import GroupCase, check_lora_against_reference, make_problem, run_group
 from tolerances import assert_close
 
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
@@ -115,23 +115,7 @@ def test_router_logits_from_a_deeper_router():
                          ids=["T1", "odd-sizes-rank1", "T300-rank64"])
 def test_lora_matches_reference(dtype, T, d_in, d_out, r):
     """Plain LoRA (o_proj / down_proj): the group machinery with one member, one expert and no router."""
-    g = torch.Generator().manual_seed(1)
-    x, A, B = (torch.randn(*s, generator=g, dtype=torch.float64) for s in [(T, d_in), (r, d_in), (d_out, r)])
-    base = torch.randn(T, d_out, generator=g, dtype=torch.float64)
-    w = torch.randn(T, d_out, generator=g, dtype=torch.float64)
-
-    def run(backend, dt):
-        leaves = [t.to(dtype).to(dt).requires_grad_(True) for t in (x, A, B)]
-        y = hk.lora(*leaves, 1.5, dropout_p=0.1, seed=3, base=base.to(dtype).to(dt), backend=backend)
-        (y.double() * w).sum().backward()
-        return y, [t.grad for t in leaves]
-
-    y_ref, g_ref = run("reference", torch.float64)
-    y, grads = run("triton", dtype)
-    assert y.dtype == dtype
-    assert_close(y, y_ref, dtype, "lora value")
-    for name, gr, ge in zip("xAB", grads, g_ref):
-        assert_close(gr, ge, dtype, f"lora grad {name}")
+    check_lora_against_reference("triton", dtype, T, d_in, d_out, r)
 
 
 def test_route_delegates_to_the_torch_backend():
@@ -159,3 +143,20 @@ def test_inputs_beyond_the_kernels_limits_name_the_fix(args, message):
     with pytest.raises(ValueError, match=message):
         hk.routed_group(args.pop("x"), args.pop("members_A"), args.pop("members_B"), args.pop("scaling"),
                         backend="triton", **args)
+
+
+def test_strided_inputs_match_the_reference():
+    """A column-strided x, a transposed router weight and a stride-0 (expanded) bias: the kernels index with unit
+    column strides, so the backend must make dense copies rather than read the wrong elements."""
+    case = CASES[1]
+    problem = make_problem(case)
+    wide = torch.zeros(problem.x.shape[0], 2 * problem.x.shape[1])
+    wide[:, ::2] = problem.x
+    weight_t = problem.router_weight.T.contiguous().T
+    bias = problem.router_bias[:1].expand(case.E)
+    kwargs = dict(router_weight=weight_t, router_bias=bias, top_k=case.top_k, bases=problem.bases)
+    got = hk.routed_group(wide[:, ::2], problem.members_A, problem.members_B, 2.0, backend="triton", **kwargs)
+    want = hk.routed_group(problem.x, problem.members_A, problem.members_B, 2.0, backend="reference", **kwargs)
+    for m, (y, y_ref) in enumerate(zip(got.outputs, want.outputs)):
+        assert_close(y, y_ref, F32, f"y{m}")
+    assert_close(got.gates, want.gates, F32, "gates")

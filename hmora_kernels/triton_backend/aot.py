@@ -11,7 +11,7 @@ import os
 import re
 import subprocess
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -45,7 +45,6 @@ class Scenario:
     param_dtype: torch.dtype = torch.float32
     logits_in: bool = False
     deterministic: bool = False
-    extra: Dict = field(default_factory=dict)
 
 
 SCENARIOS = [

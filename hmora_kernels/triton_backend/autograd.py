@@ -65,13 +65,11 @@ def routed_group_forward(
 
 def run_forward(plan: GroupPlan, x, As, Bs, bases, router_weight, router_bias, router_logits, task_probs, alpha):
     """The forward launches: (ys, logits, p_tok, gates, h), absent routing tensors None."""
-    x = x.contiguous()
-    h, logits, p_tok, gates = run_shrink_route(
-        plan, x, [A.contiguous() for A in As], router_weight, router_bias,
-        None if router_logits is None else router_logits.contiguous(), task_probs, alpha,
-    )
+    x, As, Bs, bases = _dense(x), _dense(As), _dense(Bs), _dense(bases)
+    h, logits, p_tok, gates = run_shrink_route(plan, x, As, *_dense([router_weight, router_bias, router_logits,
+                                                                      task_probs, alpha]))
     out_dtype = bases[0].dtype if bases else x.dtype
-    ys = run_expand(plan, h, gates, [B.contiguous() for B in Bs], [b.contiguous() for b in bases] or None, out_dtype)
+    ys = run_expand(plan, h, gates, Bs, bases or None, out_dtype)
     return ys, logits, p_tok, gates, h
 
 
@@ -150,12 +148,10 @@ def routed_group_backward(
 def run_backward(plan: GroupPlan, dys, dlogits_in, dp_tok_in, dgates_in, x, As, Bs, router_weight, task_probs,
                  alpha, p_tok, gates, h):
     """The backward launches: (dx, flat fp32 weight gradients, dlogits or None)."""
-    x = x.contiguous()
-    As = [A.contiguous() for A in As]
-    dys = [dy.contiguous() for dy in dys]
+    x, As, Bs, dys = _dense(x), _dense(As), _dense(Bs), _dense(dys)
+    router_weight, task_probs, alpha = _dense([router_weight, task_probs, alpha])
     dh, dlogits, dtask_tok, dalpha_tok = run_rank_grad(
-        plan, dys, [B.contiguous() for B in Bs], h, gates, p_tok, task_probs, alpha, _contiguous(dgates_in),
-        _contiguous(dp_tok_in), _contiguous(dlogits_in),
+        plan, dys, Bs, h, gates, p_tok, task_probs, alpha, *_dense([dgates_in, dp_tok_in, dlogits_in]),
     )
     make = torch.empty if plan.deterministic else torch.zeros
     flat = make(weight_grad_size(plan), dtype=torch.float32, device=x.device)
@@ -165,7 +161,10 @@ def run_backward(plan: GroupPlan, dys, dlogits_in, dp_tok_in, dgates_in, x, As, 
     return dx, flat, dlogits
 
 
-def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
+def _dense(t):
+    """Row-major copies where needed (the kernels index with unit column stride); lists elementwise; None stays."""
+    if isinstance(t, (list, tuple)):
+        return [_dense(u) for u in t]
     return None if t is None else t.contiguous()
 
 

@@ -5,7 +5,6 @@ operand carries the gates.
 One extra program sums the per-token routing gradients: d bias = sum_t dlogits, d alpha = sum_t dalpha_t,
 d p_task[seq] = sum over the sequence's tokens; a fixed order, so these are deterministic in every mode.
 """
-import torch
 import triton
 import triton.language as tl
 

@@ -9,7 +9,7 @@ import triton.language as tl
 
 from .launch import launch
 from .plan import GroupPlan
-from .tiles import FP32_DOT, rank_tile
+from .tiles import FP32_DOT, rank_tile, token_block
 
 
 @triton.jit
@@ -19,9 +19,7 @@ def expand_kernel(
     RANK: tl.constexpr, M: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, KE_PAD: tl.constexpr,
     HYDRA: tl.constexpr, GATED: tl.constexpr, HAS_BASE: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
-    row_ok = rows < T
-    rows64 = rows.to(tl.int64)
+    rows, row_ok, rows64 = token_block(T, BM)
     pid_n = tl.program_id(1)
     ck = tl.arange(0, KE_PAD)
     KE = E * RANK

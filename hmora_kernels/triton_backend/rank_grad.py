@@ -10,7 +10,9 @@ import triton.language as tl
 
 from .launch import launch
 from .plan import GroupPlan
-from .tiles import KIND_HYBRID, KIND_NONE, KIND_TASK, KIND_TOKEN, gates_from_probs, mix_probs, rank_tile
+from .tiles import (
+    KIND_HYBRID, KIND_NONE, KIND_TASK, gates_from_probs, mix_probs, rank_tile, token_block,
+)
 
 
 @triton.jit
@@ -34,9 +36,7 @@ def rank_grad_kernel(
     E_PAD: tl.constexpr, HYDRA: tl.constexpr, KIND: tl.constexpr, TOP_K: tl.constexpr,
     RENORM_SOFTMAX: tl.constexpr, HAS_DGATES: tl.constexpr, HAS_DP_TOK: tl.constexpr, HAS_DLOGITS: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
-    row_ok = rows < T
-    rows64 = rows.to(tl.int64)
+    rows, row_ok, rows64 = token_block(T, BM)
     ck = tl.arange(0, KE_PAD)
     ce = tl.arange(0, E_PAD)
     rk = tl.arange(0, R_PAD)

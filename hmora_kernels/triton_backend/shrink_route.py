@@ -11,7 +11,7 @@ from .launch import launch
 from .plan import GroupPlan
 from .tiles import (
     FP32_DOT, KIND_NONE, KIND_TASK, ROUTER_LOGITS, ROUTER_WEIGHT, dropout_scale, gates_from_probs, mix_probs,
-    softmax_rows,
+    softmax_rows, token_block,
 )
 
 
@@ -24,9 +24,7 @@ def shrink_route_kernel(
     KIND: tl.constexpr, ROUTER: tl.constexpr, HAS_BIAS: tl.constexpr, TOP_K: tl.constexpr,
     RENORM_SOFTMAX: tl.constexpr, DROPOUT: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
-    row_ok = rows < T
-    rows64 = rows.to(tl.int64)
+    rows, row_ok, rows64 = token_block(T, BM)
     ks = tl.arange(0, BK)
     rk = tl.arange(0, R_PAD)
     ce = tl.arange(0, E_PAD)

@@ -18,6 +18,13 @@ FP32_DOT = tl.constexpr("tf32x3")
 
 
 @triton.jit
+def token_block(T, BM: tl.constexpr):
+    """(rows, in range, rows as int64 for offsets that can pass 2^31) of this program's block of BM tokens."""
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    return rows, rows < T, rows.to(tl.int64)
+
+
+@triton.jit
 def dropout_scale(offsets, seed, stream: tl.constexpr, dropout_p, DROPOUT: tl.constexpr):
     """keep / (1 - p) per element: kept iff tl.rand(seed + (stream << 32), t * d_in + j) >= p
     (the stream layout of hmora_kernels.dropout)."""

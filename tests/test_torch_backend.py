@@ -4,7 +4,7 @@ import torch
 
 import hmora_kernels as hk
 
-from group_cases import GroupCase, make_problem, run_group
+from group_cases import GroupCase, check_lora_against_reference, make_problem, run_group
 from tolerances import assert_close
 
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
@@ -61,23 +61,7 @@ def test_routed_group_matches_reference(case):
 @pytest.mark.parametrize("T,d_in,d_out,r", [(1, 40, 24, 4), (7, 37, 29, 1), (1000, 64, 48, 64)],
                          ids=["T1", "odd-sizes-rank1", "T1000-rank64"])
 def test_lora_matches_reference(dtype, T, d_in, d_out, r):
-    g = torch.Generator().manual_seed(1)
-    x, A, B = (torch.randn(*s, generator=g, dtype=torch.float64) for s in [(T, d_in), (r, d_in), (d_out, r)])
-    base = torch.randn(T, d_out, generator=g, dtype=torch.float64)
-    w = torch.randn(T, d_out, generator=g, dtype=torch.float64)
-
-    def run(backend, dt):
-        leaves = [t.to(dtype).to(dt).requires_grad_(True) for t in (x, A, B)]
-        y = hk.lora(*leaves, 1.5, dropout_p=0.1, seed=3, base=base.to(dtype).to(dt), backend=backend)
-        (y.double() * w).sum().backward()
-        return y, [t.grad for t in leaves]
-
-    y_ref, g_ref = run("reference", torch.float64)
-    y, grads = run("torch", dtype)
-    assert y.dtype == dtype
-    assert_close(y, y_ref, dtype, "lora value")
-    for name, gr, ge in zip("xAB", grads, g_ref):
-        assert_close(gr, ge, dtype, f"lora grad {name}")
+    check_lora_against_reference("torch", dtype, T, d_in, d_out, r)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.dtype == F32][:4], ids=str)

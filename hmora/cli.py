@@ -50,8 +50,16 @@ def _add_method_flags(parser: argparse.ArgumentParser) -> None:
         elif f.name in ("target_modules", "target_modules_lora"):
             kwargs["nargs"] = "+"
         else:
-            kwargs["type"] = type(default) if isinstance(default, (int, float, str)) else str
+            kwargs["type"] = _flag_type(str(f.type))
         group.add_argument(f"--{f.name}", **kwargs)
+
+
+def _flag_type(annotation: str):
+    """int / float / str from a dataclass field's annotation (a string: the module postpones annotations)."""
+    for name, type_ in (("float", float), ("int", int)):
+        if name in annotation:
+            return type_
+    return str
 
 
 def _add_training_flags(parser: argparse.ArgumentParser) -> None:
@@ -59,7 +67,8 @@ def _add_training_flags(parser: argparse.ArgumentParser) -> None:
     defaults = {f.name: f.default for f in dataclasses.fields(TrainArgs)}
     for name, type_ in [("max_steps", int), ("num_epochs", int), ("batch_size", int), ("accumulation_steps", int),
                         ("lr", float), ("eta_b", float), ("weight_decay", float), ("warmup_steps", int),
-                        ("max_grad_norm", float), ("save_steps", int), ("log_steps", int)]:
+                        ("max_grad_norm", float), ("polynomial_power", float), ("num_cycles", int),
+                        ("save_steps", int), ("log_steps", int)]:
         group.add_argument(f"--{name}", type=type_, default=argparse.SUPPRESS, help=f"default {defaults[name]}")
     group.add_argument("--schedule_name", choices=SCHEDULES, default=argparse.SUPPRESS, help="default constant")
     group.add_argument("--seed", type=int, default=argparse.SUPPRESS, help="default 0")
@@ -76,7 +85,7 @@ def train_parser() -> argparse.ArgumentParser:
                         "(default: the synthetic tasks; rows with a 'task' field also get a per-task routing report)")
     parser.add_argument("--template", choices=sorted(TEMPLATES), help="prompt template (default: by model family)")
     parser.add_argument("--max_length", type=int, default=DEFAULT_MAX_LENGTH)
-    parser.add_argument("--output_dir", default="hmora-output")
+    parser.add_argument("--output_dir", "--save_dir", default="hmora-output")
     parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                         help="continue a run exactly: from CHECKPOINT, or from the latest checkpoint-N of "
                         "--output_dir; the method config, dataset and training flags come from the checkpoint")
@@ -180,8 +189,16 @@ def generate_answers(model: HMoRAModel, tokenizer, template: PromptTemplate, sou
 
 
 # ---- hmora-train -------------------------------------------------------------------------------------------
-def _given(namespace: argparse.Namespace, names) -> Dict:
-    return {n: getattr(namespace, n) for n in names if hasattr(namespace, n)}
+def method_flags(args: argparse.Namespace) -> Dict:
+    """The HMoRAConfig fields given on the command line."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(HMoRAConfig) if hasattr(args, f.name)}
+
+
+def training_args(args: argparse.Namespace, defaults: Dict) -> TrainArgs:
+    """TrainArgs from `defaults` overridden by the training flags given on the command line."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainArgs)
+             if f.name != "output_dir" and hasattr(args, f.name)}
+    return TrainArgs(output_dir=args.output_dir, **{**defaults, **given})
 
 
 def _quiet_transformers() -> None:
@@ -204,18 +221,15 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
 
 def run_training(args: argparse.Namespace) -> str:
     """Build or resume the run, train it, report per-task routing, reload the checkpoint and generate."""
-    method_names = [f.name for f in dataclasses.fields(HMoRAConfig) if f.name not in NOT_FLAGS]
-    training_names = [f.name for f in dataclasses.fields(TrainArgs) if f.name != "output_dir"]
-    method_flags, training_flags = _given(args, method_names), _given(args, training_names)
     base_copy = os.path.join(args.output_dir, TINY_BASE_DIR)
     resume_from = None
     if args.resume is not None:
-        if method_flags:
-            raise ValueError(f"--resume continues the checkpoint's method config; drop {sorted(method_flags)}")
+        if method_flags(args):
+            raise ValueError(f"--resume continues the checkpoint's method config; drop {sorted(method_flags(args))}")
         resume_from = resolve_checkpoint(args.output_dir if args.resume == "latest" else args.resume)
         model, tokenizer, template, run = load_checkpoint(resume_from, args.device, args.model)
         saved = {k: v for k, v in run["train_args"].items() if k != "output_dir"}
-        train_args = TrainArgs(output_dir=args.output_dir, **{**saved, **training_flags})
+        train_args = training_args(args, saved)
         dataset, max_length = args.dataset or run["dataset"], run["max_length"]
         tiny = run["base_model"] == TINY_BASE_DIR and args.model is None
         base_path = run["base_model"] if args.model is None else os.path.abspath(args.model)
@@ -225,7 +239,7 @@ def run_training(args: argparse.Namespace) -> str:
         tiny, max_length = args.model is None, args.max_length
         dataset = None if args.dataset is None else os.path.abspath(args.dataset)
         defaults = TINY_TRAINING if tiny and dataset is None else {}
-        train_args = TrainArgs(output_dir=args.output_dir, **{**defaults, **training_flags})
+        train_args = training_args(args, defaults)
         if tiny:
             tokenizer = build_tiny_tokenizer()
             base = build_tiny_base(tokenizer, seed=train_args.seed)
@@ -236,7 +250,7 @@ def run_training(args: argparse.Namespace) -> str:
             base_path = os.path.abspath(args.model)
         template = template_for(base.config.model_type, tokenizer, args.template)
         seed_everything(train_args.seed)  # the adapter's initialisation
-        config = HMoRAConfig(**{**(TINY_METHOD if tiny else {}), **method_flags})
+        config = HMoRAConfig(**{**(TINY_METHOD if tiny else {}), **method_flags(args)})
         model = get_hmora_model(base, config, tokenizer=tokenizer)
     rows = synthetic_rows(TINY_NUM_ROWS, seed=train_args.seed) if dataset is None else load_rows(dataset)
     examples = encode_rows(tokenizer, template, rows, max_length)

@@ -49,6 +49,8 @@ class TrainArgs:
     weight_decay: float = 0.01
     warmup_steps: int = 0
     schedule_name: str = "constant"
+    polynomial_power: float = 2.0
+    num_cycles: int = 5
     max_grad_norm: Optional[float] = None
     seed: int = 0
     save_steps: int = 0
@@ -197,7 +199,8 @@ def train(model, examples: Sequence[Example], args: TrainArgs, *, pad_id: int, t
     device = next(model.parameters()).device
     total_steps = args.total_steps(len(examples))
     optimizer = build_optimizer(model, args.lr, args.eta_b, args.weight_decay)
-    scheduler = build_scheduler(optimizer, args.schedule_name, args.warmup_steps, total_steps)
+    scheduler = build_scheduler(optimizer, args.schedule_name, args.warmup_steps, total_steps,
+                                args.polynomial_power, args.num_cycles)
     trainable = [p for p in model.parameters() if p.requires_grad]
     run_info = dict(run_info or {}, train_args=asdict(args))
     step, position = 0, BatchPosition()

@@ -84,24 +84,30 @@ def test_dataset_files_round_trip(tmp_path):
     assert load_rows(str(tmp_path / "d.jsonl")) == rows
 
 
-def test_dataset_errors_say_what_is_wrong(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        load_rows(str(tmp_path / "missing.parquet"))
-    (tmp_path / "d.csv").write_text("source,target\n")
-    with pytest.raises(ValueError, match="expected a .parquet or .jsonl"):
-        load_rows(str(tmp_path / "d.csv"))
-    (tmp_path / "no_target.jsonl").write_text('{"source": "a"}\n')
-    with pytest.raises(ValueError, match="row 0.*'target' missing"):
-        load_rows(str(tmp_path / "no_target.jsonl"))
-    pq.write_table(pa.Table.from_pylist([{"question": "a", "answer": "b"}]), tmp_path / "wrong.parquet")
-    with pytest.raises(ValueError, match="'source' and 'target' missing.*question"):
-        load_rows(str(tmp_path / "wrong.parquet"))
-    (tmp_path / "bad.jsonl").write_text('{"source": "a", "target": "b"}\n{oops\n')
-    with pytest.raises(ValueError, match="line 2: not valid JSON"):
-        load_rows(str(tmp_path / "bad.jsonl"))
-    (tmp_path / "empty.jsonl").write_text("")
-    with pytest.raises(ValueError, match="no rows"):
-        load_rows(str(tmp_path / "empty.jsonl"))
+def _write_text(text):
+    return lambda path: path.write_text(text)
+
+
+def _write_parquet(rows):
+    return lambda path: pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+# one case per way a dataset file can be unusable
+@pytest.mark.parametrize("name,write,error,match", [
+    ("missing.parquet", None, FileNotFoundError, "does not exist"),
+    ("d.csv", _write_text("source,target\n"), ValueError, "expected a .parquet or .jsonl"),
+    ("no_target.jsonl", _write_text('{"source": "a"}\n'), ValueError, "row 0.*'target' missing"),
+    ("wrong.parquet", _write_parquet([{"question": "a", "answer": "b"}]), ValueError,
+     "'source' and 'target' missing.*question"),
+    ("bad.jsonl", _write_text('{"source": "a", "target": "b"}\n{oops\n'), ValueError, "line 2: not valid JSON"),
+    ("list.jsonl", _write_text('["a", "b"]\n'), ValueError, "line 1: expected a JSON object, got list"),
+    ("empty.jsonl", _write_text(""), ValueError, "no rows"),
+])
+def test_dataset_errors_say_what_is_wrong(tmp_path, name, write, error, match):
+    if write is not None:
+        write(tmp_path / name)
+    with pytest.raises(error, match=match):
+        load_rows(str(tmp_path / name))
 
 
 # 10 rows / batch 3: a short last batch; 8 / 4: even split

@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import hmora.train as train_module
 from hmora.cli import generate_main, train_main
 from hmora.tiny import build_tiny_tokenizer, synthetic_rows
+from interruption import run_interrupted_after
 
 FAST = ["--batch_size", "4", "--log_steps", "2", "--max_new_tokens", "4"]
 
@@ -33,25 +33,11 @@ def test_default_run_trains_saves_reloads_and_generates(tmp_path, capsys):
     assert repr(capsys.readouterr().out.rstrip("\n")) == answer
 
 
-class Interrupted(Exception):
-    pass
-
-
 def test_resumed_command_line_run_matches_an_uninterrupted_one(tmp_path, monkeypatch, capsys):
     # dropout 0.1: the resumed run must also continue the random stream of the dropout masks
     flags = ["--max_steps", "4", "--save_steps", "2", "--accumulation_steps", "2", "--dropout", "0.1", *FAST]
     assert train_main(["--output_dir", str(tmp_path / "a"), *flags]) == 0
-    original_save = train_module.save_checkpoint
-
-    def save_then_die(directory, *a, **k):
-        original_save(directory, *a, **k)
-        if directory.endswith("checkpoint-2"):
-            raise Interrupted
-
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
-    with pytest.raises(Interrupted):
-        train_main(["--output_dir", str(tmp_path / "b"), *flags])
-    monkeypatch.undo()
+    run_interrupted_after(monkeypatch, "checkpoint-2", lambda: train_main(["--output_dir", str(tmp_path / "b"), *flags]))
     assert train_main(["--output_dir", str(tmp_path / "b"), "--resume"]) == 0
     assert "resumed from" in capsys.readouterr().out
     straight = adapter_tensors(tmp_path / "a" / "checkpoint-4")
@@ -127,3 +113,24 @@ def test_errors_users_meet(tmp_path, capsys):
     assert "HMoRAConfig.num_experts" in error_of(train_main, ["--num_experts", "0", *out])
     assert "neither a checkpoint directory" in error_of(generate_main, ["--checkpoint", str(tmp_path),
                                                                         "--prompt", "hi"])
+
+
+def test_reference_command_line_gives_the_reference_config():
+    """The fixture's example_train.py flags, parsed by hmora-train, give the config the reference wrote."""
+    import dataclasses
+
+    from hmora import HMoRAConfig
+    from hmora.cli import method_flags, train_parser, training_args
+
+    fixture = os.path.join(os.path.dirname(__file__), "fixtures", "qwen2_paper")
+    with open(os.path.join(fixture, "manifest.json")) as f:
+        flags = json.load(f)["example_train_flags"]
+    with open(os.path.join(fixture, "reference_adapter", "config.json")) as f:
+        reference = HMoRAConfig.from_dict(json.load(f)).to_dict()
+    args = train_parser().parse_args(flags)
+    ours = HMoRAConfig(**method_flags(args)).to_dict()
+    filled_from_the_base = ("target_modules", "max_llm_layer", "hidden_size", "model_type", "task_token_id")
+    for name in set(reference) - set(filled_from_the_base) - {"label_smoothing"}:
+        assert ours[name] == reference[name], name
+    assert ours["label_smoothing"] == 0.1  # a training-script flag in the reference, a config field here
+    assert dataclasses.asdict(training_args(args, {}))["eta_b"] == 1.2

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-import hmora.train as train_module
 from hmora.data import Example, collate, left_pad
 from hmora.optim import build_optimizer, build_scheduler
 from hmora.train import TrainArgs, latest_checkpoint, train, write_directory_atomically
+from interruption import run_interrupted_after
 
 VOCAB, HIDDEN, EXPERTS, PAD = 12, 8, 3, 0
 
@@ -124,10 +124,6 @@ def test_schedules(name, expected):
         build_scheduler(optimizer, "cosine_forever")
 
 
-class Interrupted(Exception):
-    pass
-
-
 def test_interrupted_and_resumed_run_ends_with_the_same_weights(monkeypatch, tmp_path):
     # 10 rows, batches of 3 (a short last batch), 2 per step: the stream crosses epochs, dropout draws from the RNG
     data = examples(10)
@@ -136,17 +132,8 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(monkeypatch, tmp
     straight = stand_in(dropout=0.3)
     train(straight, data, TrainArgs(str(tmp_path / "a"), **common), pad_id=PAD, log=quiet)
 
-    original_save = train_module.save_checkpoint
-
-    def save_then_die(directory, *a, **k):
-        original_save(directory, *a, **k)
-        if directory.endswith("checkpoint-3"):
-            raise Interrupted
-
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
-    with pytest.raises(Interrupted):
-        train(stand_in(dropout=0.3), data, TrainArgs(str(tmp_path / "b"), **common), pad_id=PAD, log=quiet)
-    monkeypatch.undo()
+    run_interrupted_after(monkeypatch, "checkpoint-3", lambda: train(
+        stand_in(dropout=0.3), data, TrainArgs(str(tmp_path / "b"), **common), pad_id=PAD, log=quiet))
 
     checkpoint = latest_checkpoint(str(tmp_path / "b"))
     assert checkpoint.endswith("checkpoint-3")

@@ -151,8 +151,11 @@ class HMoRAModel(nn.Module):
         return trainable, sum(p.numel() for p in self.parameters())
 
     def print_trainable_parameters(self) -> None:
+        """PEFT's line (trainable% of all parameters) plus the reference's rate (trainable / base parameters)."""
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        base = total - sum(p.numel() for p in self.adapter_named_parameters().values())
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+              f" || of the base model: {100 * trainable / base:.4f}%")
 
     def layer_kinds(self) -> Dict[str, str]:
         """Routed-group owner name -> 'token' | 'hybrid' | 'task'."""

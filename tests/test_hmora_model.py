@@ -122,7 +122,7 @@ def test_at_step_zero_the_lm_loss_moves_only_b_matrices():
     assert any(".router.token_mlp." in n for n in moved)
 
 
-def test_qwen2_1p5b_shaped_paper_setting_counts_and_schedule():
+def test_qwen2_1p5b_shaped_paper_setting_counts_and_schedule(capsys):
     """Paper setting on a Qwen2-1.5B-shaped config built on the meta device: 60,566,276 trainable parameters,
     layers 0-4 token-only, 5-22 hybrid, 23-27 task-only (SPEC 3.3, 5)."""
     config = Qwen2Config(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
@@ -134,6 +134,9 @@ def test_qwen2_1p5b_shaped_paper_setting_counts_and_schedule():
                                               share_router_for_qkv=True, share_router_for_w_i=True,
                                               target_modules_lora=["o_proj", "down_proj"], task_token_id=30))
     assert model.get_nb_trainable_parameters()[0] == 60_566_276
+    model.print_trainable_parameters()
+    printed = capsys.readouterr().out
+    assert "trainable params: 60,566,276" in printed and "of the base model: 3.92" in printed  # SPEC 5: 3.92%
     by_layer = {}
     for name, kind in model.layer_kinds().items():
         by_layer.setdefault(int(name.split(".")[2]), set()).add(kind)

@@ -129,14 +129,31 @@ def resolve_checkpoint(path: str) -> str:
     return latest
 
 
+RUN_INFO_KEYS = ("base_model", "dataset", "template", "max_length", "train_args")
+
+
+def read_run_info(checkpoint: str) -> Dict:
+    path = os.path.join(checkpoint, RUN_INFO_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            run = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); the checkpoint is damaged") from None
+    missing = [k for k in RUN_INFO_KEYS if k not in run]
+    if missing:
+        raise ValueError(f"{path} lacks {missing}; it was not written by hmora-train")
+    if run["template"] not in TEMPLATES:
+        raise ValueError(f"{path}: unknown prompt template {run['template']!r}; known: {sorted(TEMPLATES)}")
+    return run
+
+
 def load_checkpoint(checkpoint: str, device: str, model_path: Optional[str] = None):
     """(HMoRA model, tokenizer, template, run info) of a checkpoint written by hmora-train, nothing downloaded.
 
     The base model is the checkpoint's own copy (the tiny default) or the one its run was trained on, unless
     `model_path` names another directory holding the same model.
     """
-    with open(os.path.join(checkpoint, RUN_INFO_FILE), encoding="utf-8") as f:
-        run = json.load(f)
+    run = read_run_info(checkpoint)
     base = load_base(model_path or os.path.join(checkpoint, run["base_model"]), device)
     model = HMoRAModel.from_pretrained(base, os.path.join(checkpoint, ADAPTER_DIR))
     return model, load_tokenizer(os.path.join(checkpoint, TOKENIZER_DIR)), TEMPLATES[run["template"]], run

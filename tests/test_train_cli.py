@@ -77,16 +77,20 @@ def jsonl(tmp_path, rows):
     return str(path)
 
 
-# each built-in family with its own prompt template; num_experts 2 / r 2 keep it small, the encoder needs 16 heads
-@pytest.mark.parametrize("family,template", [("qwen2", "qwen2"), ("llama", "llama2"), ("bloom", "bloom")])
-def test_local_model_and_dataset(tmp_path, capsys, family, template):
+# each built-in family with its own prompt template; LLaMA also under bf16 autocast, BLOOM without task router
+@pytest.mark.parametrize("family,template,extra", [
+    ("qwen2", "qwen2", []), ("llama", "llama2", ["--bf16"]), ("bloom", "bloom", ["--no-use_task_router"]),
+])
+def test_local_model_and_dataset(tmp_path, capsys, family, template, extra):
     model = local_model(tmp_path, family)
     dataset = jsonl(tmp_path, synthetic_rows(12, seed=5))
     out_dir = str(tmp_path / "run")
+    # num_experts 2 / r 2 keep it small; the hidden size 32 needs fewer than the default 16 encoder heads
     assert train_main(["--model", model, "--dataset", dataset, "--output_dir", out_dir, "--max_steps", "2",
-                       "--num_experts", "2", "--lora_r", "2", "--num_encoder_heads", "2", *FAST]) == 0
+                       "--num_experts", "2", "--lora_r", "2", "--num_encoder_heads", "2", *FAST, *extra]) == 0
     printed = capsys.readouterr().out
-    assert "per-task routing" in printed  # the rows carry a 'task' field
+    # the rows carry a 'task' field, so routing is reported per task where there are task routers
+    assert ("per-task routing" in printed) == ("--no-use_task_router" not in extra)
     with open(os.path.join(out_dir, "checkpoint-2", "run.json")) as f:
         run = json.load(f)
     assert (run["base_model"], run["template"], run["dataset"]) == (model, template, dataset)
@@ -113,6 +117,12 @@ def test_errors_users_meet(tmp_path, capsys):
     assert "HMoRAConfig.num_experts" in error_of(train_main, ["--num_experts", "0", *out])
     assert "neither a checkpoint directory" in error_of(generate_main, ["--checkpoint", str(tmp_path),
                                                                         "--prompt", "hi"])
+    damaged = tmp_path / "checkpoint-1"
+    damaged.mkdir()
+    (damaged / "run.json").write_text('{"base_model": ')
+    assert "not valid JSON" in error_of(generate_main, ["--checkpoint", str(damaged), "--prompt", "hi"])
+    (damaged / "run.json").write_text('{"base_model": "base"}')
+    assert "not written by hmora-train" in error_of(generate_main, ["--checkpoint", str(damaged), "--prompt", "hi"])
 
 
 def test_reference_command_line_gives_the_reference_config():

@@ -19,6 +19,8 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--suite", default="default", help="quick | default | full (see benchmarks.suites)")
     parser.add_argument("--out", default="bench-out", help="directory for results.csv, results.json and the PNGs")
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions per point (the fastest is kept)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: on a shared, loaded machine OpenMP barriers wreck timings)")
     parser.add_argument("--no-plots", action="store_true", help="skip the matplotlib PNGs")
     parser.add_argument("--markdown", action="store_true", help="print the tables as Markdown (for docs/BENCHMARKS.md)")
     parser.add_argument("--from-json", metavar="RESULTS_JSON",
@@ -50,6 +52,9 @@ def _run_suite(suite: str, repeats: int) -> List[dict]:
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parse(argv)
     _set_interpreter_unless_cuda()  # before benchmarks.measure imports the kernels
+    import torch
+
+    torch.set_num_threads(args.threads)
     from . import report
     from .suites import SUITES
 

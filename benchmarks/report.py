@@ -146,6 +146,17 @@ def _series(rows, x_key, y_key, **match):
     return [r[x_key] for r in picked], [r[y_key] for r in picked]
 
 
+def linear_fit_label(xs: Sequence[float], ys: Sequence[float]) -> str:
+    """'a B/token + b, fit within e%': the least-squares line through the points and its worst relative miss."""
+    if len(xs) < 2:
+        return "one point"
+    import numpy as np
+
+    slope, intercept = np.polyfit(np.asarray(xs, dtype=float), np.asarray(ys, dtype=float), 1)
+    worst = max(abs(y - (slope * x + intercept)) / y for x, y in zip(xs, ys))
+    return f"{slope:,.0f} B/token + {intercept / 1e6:.2f} MB, fit within {100 * worst:.1f}%"
+
+
 def plot_scaling(rows: List[Dict[str, object]], path: str) -> Optional[str]:
     """Saved bytes (forward) and traffic (forward + backward) vs T, per implementation, with the minimum."""
     import matplotlib
@@ -160,13 +171,13 @@ def plot_scaling(rows: List[Dict[str, object]], path: str) -> Optional[str]:
     base = {k: scaling[0][k] for k in ("model", "scope", "experts", "rank", "hydra", "routing", "dropout", "dtype")}
     panels = [("saved for backward (forward step)", "saved_bytes", "saved_min", "forward"),
               ("memory traffic (forward + backward)", "traffic_bytes", "traffic_min", "both")]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     drawn = False
     for ax, (title, key, min_key, phase) in zip(axes, panels):
         for impl in ("reference", "torch", "triton"):
             xs, ys = _series(rows, "tokens", key, implementation=impl, phase=phase, **base)
             if xs:
-                ax.plot(xs, [y / 1e6 for y in ys], marker="o", label=impl)
+                ax.plot(xs, [y / 1e6 for y in ys], marker="o", label=f"{impl}: {linear_fit_label(xs, ys)}")
                 drawn = True
         xs, ys = _series(rows, "tokens", min_key, implementation="torch", phase=phase, **base)
         if xs:
@@ -178,7 +189,7 @@ def plot_scaling(rows: List[Dict[str, object]], path: str) -> Optional[str]:
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
         if xs:
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=7, loc="upper left")
     fig.suptitle(f"{base['scope']} of {base['model']}, E {base['experts']}, r {base['rank']}, "
                  f"{'Hydra' if base['hydra'] else 'per-expert A'}, {base['routing']}, dropout {base['dropout']}, "
                  f"{base['dtype']} (counted bytes)")

@@ -10,7 +10,7 @@ import triton.language as tl
 
 from .launch import launch
 from .plan import GroupPlan
-from .tiles import FP32_DOT, dropout_scale
+from .tiles import FP32_DOT, dropout_scale, member_accumulators
 
 
 @triton.jit
@@ -24,9 +24,7 @@ def input_grad_kernel(
     col_ok = cols < D
     rk = tl.arange(0, R_PAD)
     ce = tl.arange(0, E_PAD)
-    accs = ()
-    for m in tl.static_range(M):
-        accs = accs + (tl.zeros((R_PAD, BK), tl.float32),)
+    accs = member_accumulators(M, R_PAD, BK)
     acc_w = tl.zeros((E_PAD, BK), tl.float32)
     t_begin = tl.program_id(1) * tokens_per_split
     t_end = tl.minimum(t_begin + tokens_per_split, T)

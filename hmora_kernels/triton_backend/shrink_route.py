@@ -11,7 +11,7 @@ from .launch import launch
 from .plan import GroupPlan
 from .tiles import (
     FP32_DOT, KIND_NONE, KIND_TASK, ROUTER_LOGITS, ROUTER_WEIGHT, dropout_scale, gates_from_probs, mix_probs,
-    softmax_rows, token_block,
+    member_accumulators, softmax_rows, token_block,
 )
 
 
@@ -28,9 +28,7 @@ def shrink_route_kernel(
     ks = tl.arange(0, BK)
     rk = tl.arange(0, R_PAD)
     ce = tl.arange(0, E_PAD)
-    accs = ()
-    for m in tl.static_range(M):
-        accs = accs + (tl.zeros((BM, R_PAD), tl.float32),)
+    accs = member_accumulators(M, BM, R_PAD)
     logits = tl.zeros((BM, E_PAD), tl.float32)
     for k0 in range(0, D, BK):
         cols = k0 + ks

@@ -25,6 +25,15 @@ def token_block(T, BM: tl.constexpr):
 
 
 @triton.jit
+def member_accumulators(M: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """One fp32 (ROWS, COLS) zero accumulator per member, as a tuple indexed by the static member loop."""
+    accs = ()
+    for m in tl.static_range(M):
+        accs = accs + (tl.zeros((ROWS, COLS), tl.float32),)
+    return accs
+
+
+@triton.jit
 def dropout_scale(offsets, seed, stream: tl.constexpr, dropout_p, DROPOUT: tl.constexpr):
     """keep / (1 - p) per element: kept iff tl.rand(seed + (stream << 32), t * d_in + j) >= p
     (the stream layout of hmora_kernels.dropout)."""

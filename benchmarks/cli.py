@@ -35,9 +35,11 @@ def _set_interpreter_unless_cuda() -> None:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-def _run_suite(suite: str, repeats: int) -> List[dict]:
+def _run_suite(suite: str, repeats: int, out: str) -> List[dict]:
+    """Measure every case; results.csv/json are rewritten after each run so a long suite keeps what it measured."""
     from tqdm import tqdm
 
+    from . import report
     from .measure import measure
     from .suites import SUITES
 
@@ -46,6 +48,9 @@ def _run_suite(suite: str, repeats: int) -> List[dict]:
     for case, impl in tqdm(jobs, desc=f"hmora-bench {suite}", unit="run"):
         for row in measure(case.workload, impl, memory=case.memory, timing=case.timing, repeats=repeats):
             rows.append({"section": case.section, **row.as_dict()})
+        rows = report.derive(rows)
+        report.write_csv(rows, os.path.join(out, "results.csv"))
+        report.write_json(rows, os.path.join(out, "results.json"), suite)
     return rows
 
 
@@ -64,13 +69,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     elif args.suite not in SUITES:
         print(f"hmora-bench: --suite expected one of {sorted(SUITES)}, got {args.suite!r}", file=sys.stderr)
         return 2
-    else:
-        rows = report.derive(_run_suite(args.suite, args.repeats))
     os.makedirs(args.out, exist_ok=True)
     written = []
     if not args.from_json:
-        report.write_csv(rows, os.path.join(args.out, "results.csv"))
-        report.write_json(rows, os.path.join(args.out, "results.json"), args.suite)
+        rows = _run_suite(args.suite, args.repeats, args.out)
         written += [os.path.join(args.out, name) for name in ("results.csv", "results.json")]
     print(report.tables(rows, markdown=args.markdown))
     if not args.no_plots:

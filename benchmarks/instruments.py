@@ -266,6 +266,35 @@ class KernelTraffic(contextlib.AbstractContextManager):
         return sum(getattr(launch, attribute) for launch in self.launches)
 
 
+# ---------------------------------------------------------------- CUDA peak memory
+
+
+class CudaPeakMemory(contextlib.AbstractContextManager):
+    """Peak bytes allocated on the CUDA device above the level at entry, read at each `mark(name)`.
+
+    Without a CUDA device it records nothing (`marks` stays empty).
+    """
+
+    def __init__(self):
+        self.marks: Dict[str, int] = {}
+        self._start = 0
+
+    def __enter__(self):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._start = torch.cuda.memory_allocated()
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    def mark(self, name: str) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            self.marks[name] = torch.cuda.max_memory_allocated() - self._start
+
+
 # ---------------------------------------------------------------- time
 
 

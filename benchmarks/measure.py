@@ -21,6 +21,7 @@ from .workloads import minimum_traffic_bytes
 METRIC_SOURCES = {
     "saved_bytes": "torch.autograd.graph.saved_tensors_hooks, unique storages, weights excluded (forward rows)",
     "saved_min": "x once per adapter op + each member's rank activation + fp32 gates (T, E) per routed group",
+    "gpu_peak_bytes": "torch.cuda.max_memory_allocated above what was allocated before the step; only on a CUDA device",
     "launches": "triton: kernel launches counted in the Triton interpreter's grid launcher (+ aten ops around them); "
                 "torch paths: aten operators seen by a TorchDispatchMode (views and bare allocations excluded)",
     "aten_bytes": "TorchDispatchMode: sum of input + output tensor bytes of every aten operator",
@@ -51,6 +52,7 @@ class Row:
     phase: str
     saved_bytes: Optional[int] = None
     saved_min: Optional[int] = None
+    gpu_peak_bytes: Optional[int] = None
     launches: Optional[int] = None
     kernel_launches: Optional[int] = None
     aten_ops: Optional[int] = None
@@ -100,17 +102,21 @@ def measure_memory(w: Workload, implementation: str, problem: Problem) -> Dict[s
     """Saved bytes, launches and traffic for forward, backward and both, from one instrumented step."""
     forward = forward_fn(implementation)
     counted = {}
-    for phase in ("forward", "backward"):
-        ops = ins.OpTraffic()
-        kernels = _instrumented(implementation, ops)
-        saved = ins.SavedBytes(exclude=problem.weights)
-        if phase == "forward":
-            with saved, ops, kernels:
-                outputs = forward(problem)
-        else:
-            with ops, kernels:
-                backward(problem, outputs)
-        counted[phase] = (ops, kernels if isinstance(kernels, ins.KernelTraffic) else None, saved)
+    peak = ins.CudaPeakMemory()
+    with peak:
+        for phase in ("forward", "backward"):
+            ops = ins.OpTraffic()
+            kernels = _instrumented(implementation, ops)
+            saved = ins.SavedBytes(exclude=problem.weights)
+            if phase == "forward":
+                with saved, ops, kernels:
+                    outputs = forward(problem)
+                peak.mark("forward")
+            else:
+                with ops, kernels:
+                    backward(problem, outputs)
+                peak.mark("both")
+            counted[phase] = (ops, kernels if isinstance(kernels, ins.KernelTraffic) else None, saved)
     problem.clear_grads()
 
     rows = {}
@@ -135,6 +141,7 @@ def measure_memory(w: Workload, implementation: str, problem: Problem) -> Dict[s
         if phase == "forward":
             row.saved_bytes = counted["forward"][2].bytes
             row.saved_min = minimum_saved_bytes(w)
+        row.gpu_peak_bytes = peak.marks.get(phase)
         rows[phase] = row
     return rows
 

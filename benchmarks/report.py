@@ -30,6 +30,7 @@ def _ratio(num: Optional[float], den: Optional[float]) -> Optional[float]:
 
 def derive(rows: List[Dict[str, object]]) -> List[Dict[str, object]]:
     """Add ratios against the minimum and against the naive loop of the same workload and phase."""
+    rows = [{k: v for k, v in r.items() if k not in DERIVED_SOURCES} for r in rows]  # derive afresh
     naive: Dict[tuple, Dict[str, object]] = {}
     for r in rows:  # the naive loop's memory and time rows of one workload may come from different sections
         if r["implementation"] == NAIVE:

@@ -279,6 +279,10 @@ def run_training(args: argparse.Namespace) -> str:
     run_info = {"base_model": base_path, "dataset": dataset, "template": template.name, "max_length": max_length}
     result = train(model, examples, train_args, pad_id=tokenizer.pad_token_id, tokenizer=tokenizer,
                    run_info=run_info, write_extra=write_base if tiny else None, resume_from=resume_from)
+    if result.history:
+        first, window = result.history[0], result.history[-min(len(result.history), train_args.log_steps):]
+        print(f"loss {first.loss:.4f} at step {first.step} -> {sum(h.loss for h in window) / len(window):.4f} "
+              f"(mean of steps {window[0].step}-{window[-1].step})")
     print(f"saved {result.checkpoint}")
 
     held_out = synthetic_rows(64, seed=train_args.seed + 1) if dataset is None else rows[:256]

@@ -17,7 +17,9 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .config import HMoRAConfig
+from hmora_kernels import BACKENDS
+
+from .config import LORA_SCALINGS, RENORMS, HMoRAConfig
 from .data import (DEFAULT_MAX_LENGTH, TEMPLATES, PromptTemplate, encode_prompt, encode_rows, left_pad, load_rows,
                    task_tokens, template_for)
 from .model import HMoRAModel, get_hmora_model
@@ -30,56 +32,46 @@ TINY_BASE_DIR = "base"
 TINY_NUM_ROWS = 4000
 # the embedded default's settings; flags given on the command line win
 TINY_METHOD = dict(num_experts=4, lora_r=8, lora_alpha=16, dropout=0.0)
-TINY_TRAINING = dict(max_steps=600, num_epochs=10, batch_size=16, accumulation_steps=1, lr=3e-3, eta_b=1.2, warmup_steps=20,
-                     schedule_name="constant_with_warmup", log_steps=25)
+TINY_TRAINING = dict(max_steps=600, num_epochs=10, batch_size=16, accumulation_steps=1, lr=3e-3, eta_b=1.2,
+                     warmup_steps=20, schedule_name="constant_with_warmup", log_steps=25)
 # HMoRAConfig fields that are not command-line flags: filled from the base model or family tables
 NOT_FLAGS = ("max_llm_layer", "hidden_size", "model_type", "padding_side", "task_token_id", "qkv_modules",
              "w_i_modules")
+FLAG_CHOICES = {"schedule_name": SCHEDULES, "lora_scaling": LORA_SCALINGS, "renorm": RENORMS, "backend": BACKENDS}
 
 
-def _add_method_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per HMoRAConfig field (reference names); absent flags leave the config default."""
-    group = parser.add_argument_group("HMoRA method (HMoRAConfig fields; default: the paper setting)")
-    for f in dataclasses.fields(HMoRAConfig):
-        if f.name in NOT_FLAGS:
+def _add_dataclass_flags(group, cls, skip) -> None:
+    """One flag `--<field>` per field of dataclass `cls` (booleans with a `--no-` form); an absent flag is
+    absent from the parsed namespace, so the dataclass default (or the tiny default's setting) applies."""
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kwargs = dict(default=argparse.SUPPRESS, help=f"default {default}")
         if isinstance(default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
-        elif f.name in ("target_modules", "target_modules_lora"):
+        elif "List" in str(f.type):
             kwargs["nargs"] = "+"
+        elif f.name in FLAG_CHOICES:
+            kwargs["choices"] = FLAG_CHOICES[f.name]
         else:
             kwargs["type"] = _flag_type(str(f.type))
         group.add_argument(f"--{f.name}", **kwargs)
 
 
 def _flag_type(annotation: str):
-    """int / float / str from a dataclass field's annotation (a string: the module postpones annotations)."""
+    """int / float / str from a dataclass field's annotation (a string: the modules postpone annotations)."""
     for name, type_ in (("float", float), ("int", int)):
         if name in annotation:
             return type_
     return str
 
 
-def _add_training_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("training (reference script names)")
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainArgs)}
-    for name, type_ in [("max_steps", int), ("num_epochs", int), ("batch_size", int), ("accumulation_steps", int),
-                        ("lr", float), ("eta_b", float), ("weight_decay", float), ("warmup_steps", int),
-                        ("max_grad_norm", float), ("polynomial_power", float), ("num_cycles", int),
-                        ("save_steps", int), ("log_steps", int)]:
-        group.add_argument(f"--{name}", type=type_, default=argparse.SUPPRESS, help=f"default {defaults[name]}")
-    group.add_argument("--schedule_name", choices=SCHEDULES, default=argparse.SUPPRESS, help="default constant")
-    group.add_argument("--seed", type=int, default=argparse.SUPPRESS, help="default 0")
-    group.add_argument("--bf16", action="store_true", default=argparse.SUPPRESS,
-                       help="bfloat16 autocast (weights and optimizer state stay fp32)")
-
-
 def train_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hmora-train", description="Train an HMoRA adapter. With no --model and no --dataset: the embedded "
-        "tiny default (random Qwen2, synthetic tasks, about a minute on 2 CPU cores).")
+        "tiny default (random Qwen2, synthetic tasks, about a minute on 2 CPU cores), whose own settings "
+        "(hmora.cli.TINY_METHOD, TINY_TRAINING) replace the defaults below unless a flag is given.")
     parser.add_argument("--model", help="a local transformers causal-LM directory (default: the tiny model)")
     parser.add_argument("--dataset", help="a .parquet or .jsonl file of rows with 'source' and 'target' "
                         "(default: the synthetic tasks; rows with a 'task' field also get a per-task routing report)")
@@ -91,8 +83,10 @@ def train_parser() -> argparse.ArgumentParser:
                         "--output_dir; the method config, dataset and training flags come from the checkpoint")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--max_new_tokens", type=int, default=16, help="for the generation demo at the end")
-    _add_training_flags(parser)
-    _add_method_flags(parser)
+    _add_dataclass_flags(parser.add_argument_group("training (reference script names)"), TrainArgs,
+                         skip=("output_dir",))
+    _add_dataclass_flags(parser.add_argument_group("HMoRA method (HMoRAConfig fields; default: the paper setting)"),
+                         HMoRAConfig, skip=NOT_FLAGS)
     return parser
 
 

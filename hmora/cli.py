@@ -230,65 +230,90 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
+@dataclasses.dataclass
+class Run:
+    """What a training run is made of, new or resumed."""
+
+    model: HMoRAModel
+    tokenizer: object
+    template: PromptTemplate
+    train_args: TrainArgs
+    dataset: Optional[str]   # None: the synthetic tasks
+    max_length: int
+    base_model: str          # TINY_BASE_DIR (a copy inside each checkpoint) or the model directory
+    resume_from: Optional[str] = None
+
+    @property
+    def tiny(self) -> bool:
+        return self.base_model == TINY_BASE_DIR
+
+
+def new_run(args: argparse.Namespace) -> Run:
+    dataset = None if args.dataset is None else os.path.abspath(args.dataset)
+    tiny = args.model is None
+    train_args = training_args(args, TINY_TRAINING if tiny and dataset is None else {})
+    if tiny:
+        tokenizer = build_tiny_tokenizer()
+        base = build_tiny_base(tokenizer, seed=train_args.seed)
+        base.save_pretrained(os.path.join(args.output_dir, TINY_BASE_DIR))  # the pristine base, before injection
+        base, base_model = base.to(args.device), TINY_BASE_DIR
+    else:
+        base, tokenizer = load_base(args.model, args.device), load_tokenizer(args.model)
+        base_model = os.path.abspath(args.model)
+    template = template_for(base.config.model_type, tokenizer, args.template)
+    seed_everything(train_args.seed)  # the adapter's initialisation
+    config = HMoRAConfig(**{**(TINY_METHOD if tiny else {}), **method_flags(args)})
+    model = get_hmora_model(base, config, tokenizer=tokenizer)
+    return Run(model, tokenizer, template, train_args, dataset, args.max_length, base_model)
+
+
+def resumed_run(args: argparse.Namespace) -> Run:
+    """The run of the checkpoint --resume names: its model, config, dataset and training flags (flags given
+    again override the training ones, --model and --dataset say where the same base and data now live)."""
+    if method_flags(args):
+        raise ValueError(f"--resume continues the checkpoint's method config; drop {sorted(method_flags(args))}")
+    checkpoint = resolve_checkpoint(args.output_dir if args.resume == "latest" else args.resume)
+    model, tokenizer, template, info = load_checkpoint(checkpoint, args.device, args.model)
+    train_args = training_args(args, {k: v for k, v in info["train_args"].items() if k != "output_dir"})
+    base_model = info["base_model"] if args.model is None else os.path.abspath(args.model)
+    base_copy = os.path.join(args.output_dir, TINY_BASE_DIR)
+    if base_model == TINY_BASE_DIR and not os.path.isdir(base_copy):
+        shutil.copytree(os.path.join(checkpoint, TINY_BASE_DIR), base_copy)
+    return Run(model, tokenizer, template, train_args, args.dataset or info["dataset"], info["max_length"],
+               base_model, resume_from=checkpoint)
+
+
 def run_training(args: argparse.Namespace) -> str:
     """Build or resume the run, train it, report per-task routing, reload the checkpoint and generate."""
-    base_copy = os.path.join(args.output_dir, TINY_BASE_DIR)
-    resume_from = None
-    if args.resume is not None:
-        if method_flags(args):
-            raise ValueError(f"--resume continues the checkpoint's method config; drop {sorted(method_flags(args))}")
-        resume_from = resolve_checkpoint(args.output_dir if args.resume == "latest" else args.resume)
-        model, tokenizer, template, run = load_checkpoint(resume_from, args.device, args.model)
-        saved = {k: v for k, v in run["train_args"].items() if k != "output_dir"}
-        train_args = training_args(args, saved)
-        dataset, max_length = args.dataset or run["dataset"], run["max_length"]
-        tiny = run["base_model"] == TINY_BASE_DIR and args.model is None
-        base_path = run["base_model"] if args.model is None else os.path.abspath(args.model)
-        if tiny and not os.path.isdir(base_copy):
-            shutil.copytree(os.path.join(resume_from, TINY_BASE_DIR), base_copy)
-    else:
-        tiny, max_length = args.model is None, args.max_length
-        dataset = None if args.dataset is None else os.path.abspath(args.dataset)
-        defaults = TINY_TRAINING if tiny and dataset is None else {}
-        train_args = training_args(args, defaults)
-        if tiny:
-            tokenizer = build_tiny_tokenizer()
-            base = build_tiny_base(tokenizer, seed=train_args.seed)
-            base.save_pretrained(base_copy)  # before injection: the pristine base, copied into every checkpoint
-            base, base_path = base.to(args.device), TINY_BASE_DIR
-        else:
-            base, tokenizer = load_base(args.model, args.device), load_tokenizer(args.model)
-            base_path = os.path.abspath(args.model)
-        template = template_for(base.config.model_type, tokenizer, args.template)
-        seed_everything(train_args.seed)  # the adapter's initialisation
-        config = HMoRAConfig(**{**(TINY_METHOD if tiny else {}), **method_flags(args)})
-        model = get_hmora_model(base, config, tokenizer=tokenizer)
-    rows = synthetic_rows(TINY_NUM_ROWS, seed=train_args.seed) if dataset is None else load_rows(dataset)
-    examples = encode_rows(tokenizer, template, rows, max_length)
-    model.print_trainable_parameters()
+    run = new_run(args) if args.resume is None else resumed_run(args)
+    seed = run.train_args.seed
+    rows = synthetic_rows(TINY_NUM_ROWS, seed=seed) if run.dataset is None else load_rows(run.dataset)
+    examples = encode_rows(run.tokenizer, run.template, rows, run.max_length)
+    run.model.print_trainable_parameters()
 
     def write_base(directory: str) -> None:
-        shutil.copytree(base_copy, os.path.join(directory, TINY_BASE_DIR))
+        shutil.copytree(os.path.join(args.output_dir, TINY_BASE_DIR), os.path.join(directory, TINY_BASE_DIR))
 
-    run_info = {"base_model": base_path, "dataset": dataset, "template": template.name, "max_length": max_length}
-    result = train(model, examples, train_args, pad_id=tokenizer.pad_token_id, tokenizer=tokenizer,
-                   run_info=run_info, write_extra=write_base if tiny else None, resume_from=resume_from)
+    info = {"base_model": run.base_model, "dataset": run.dataset, "template": run.template.name,
+            "max_length": run.max_length}
+    result = train(run.model, examples, run.train_args, pad_id=run.tokenizer.pad_token_id, tokenizer=run.tokenizer,
+                   run_info=info, write_extra=write_base if run.tiny else None, resume_from=run.resume_from)
     if result.history:
-        first, window = result.history[0], result.history[-min(len(result.history), train_args.log_steps):]
+        first, window = result.history[0], result.history[-min(len(result.history), run.train_args.log_steps):]
         print(f"loss {first.loss:.4f} at step {first.step} -> {sum(h.loss for h in window) / len(window):.4f} "
               f"(mean of steps {window[0].step}-{window[-1].step})")
     print(f"saved {result.checkpoint}")
 
-    held_out = synthetic_rows(64, seed=train_args.seed + 1) if dataset is None else rows[:256]
+    held_out = synthetic_rows(64, seed=seed + 1) if run.dataset is None else rows[:256]
     if all("task" in row for row in held_out):
-        report = task_routing(model, tokenizer, held_out, max_length)
+        report = task_routing(run.model, run.tokenizer, held_out, run.max_length)
         if report:
             print(format_task_routing(report))
 
     reloaded, tokenizer, template, _ = load_checkpoint(result.checkpoint, args.device, args.model)
-    demo = synthetic_rows(4, seed=train_args.seed + 2) if dataset is None else rows[:4]
+    demo = synthetic_rows(4, seed=seed + 2) if run.dataset is None else rows[:4]
     answers = generate_answers(reloaded, tokenizer, template, [r["source"] for r in demo], args.max_new_tokens,
-                               max_length)
+                               run.max_length)
     print(f"reloaded {result.checkpoint} and generated:")
     for row, answer in zip(demo, answers):
         print(f"  {row['source']!r} -> {answer!r} (target {row['target']!r})")

@@ -19,6 +19,7 @@ import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
+from statistics import fmean
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -184,8 +185,25 @@ def load_training_state(checkpoint: str, optimizer, scheduler) -> tuple:
     return state["step"], BatchPosition(**state["position"])
 
 
-def _to(batch: Dict[str, torch.Tensor], device) -> Dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in batch.items()}
+def accumulate_window(model, micro_batches: Sequence[Sequence[Example]], pad_id: int, bf16: bool) -> tuple:
+    """Backward of every micro-batch loss (summed, not divided), then of the task-router loss over all
+    sequences of the window. Returns (mean micro-batch loss + task loss, mean aux loss, mean routing entropy)."""
+    device = next(model.parameters()).device
+    losses, aux_losses, entropies = [], [], []
+    for micro in micro_batches:
+        batch = {k: v.to(device) for k, v in collate(micro, pad_id).items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = model(**batch)
+        out.loss.backward()
+        losses.append(out.loss.item())
+        aux_losses.append(out.aux_loss.item())
+        entropies.append(routing_entropy(out.router_probs, batch["attention_mask"]))
+    task_ids, task_mask = left_pad([e.task_ids for micro in micro_batches for e in micro], pad_id)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        task_loss = model.task_aux_loss(task_ids.to(device), task_mask.to(device))
+    if task_loss.requires_grad:  # no task routers: a constant zero
+        task_loss.backward()
+    return fmean(losses) + task_loss.item(), fmean(aux_losses), fmean(entropies)
 
 
 def train(model, examples: Sequence[Example], args: TrainArgs, *, pad_id: int, tokenizer=None,
@@ -196,7 +214,6 @@ def train(model, examples: Sequence[Example], args: TrainArgs, *, pad_id: int, t
     The model must return `loss`, `aux_loss` and `router_probs` from `model(**batch)` and offer
     `task_aux_loss(task_input_ids, task_attention_mask)` and `save_pretrained(dir)`.
     """
-    device = next(model.parameters()).device
     total_steps = args.total_steps(len(examples))
     optimizer = build_optimizer(model, args.lr, args.eta_b, args.weight_decay)
     scheduler = build_scheduler(optimizer, args.schedule_name, args.warmup_steps, total_steps,
@@ -218,23 +235,11 @@ def train(model, examples: Sequence[Example], args: TrainArgs, *, pad_id: int, t
     bar = tqdm(total=total_steps, initial=step, desc="hmora-train", dynamic_ncols=True)
     model.train()
     while step < total_steps:
-        window, losses, aux_losses, entropies = [], [], [], []
+        micro_batches = []
         for _ in range(args.accumulation_steps):
             at, indices = next(stream)
-            micro = [examples[i] for i in indices]
-            window.extend(micro)
-            batch = _to(collate(micro, pad_id), device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-                out = model(**batch)
-            out.loss.backward()  # summed over the window, as the reference recipe does
-            losses.append(out.loss.item())
-            aux_losses.append(out.aux_loss.item())
-            entropies.append(routing_entropy(out.router_probs, batch["attention_mask"]))
-        task_ids, task_mask = left_pad([e.task_ids for e in window], pad_id)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            task_loss = model.task_aux_loss(task_ids.to(device), task_mask.to(device))
-        if task_loss.requires_grad:
-            task_loss.backward()
+            micro_batches.append([examples[i] for i in indices])
+        entry = accumulate_window(model, micro_batches, pad_id, args.bf16)
         if args.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
         optimizer.step()
@@ -242,8 +247,7 @@ def train(model, examples: Sequence[Example], args: TrainArgs, *, pad_id: int, t
         scheduler.step()
         step += 1
         position = BatchPosition(at.epoch, at.batch + 1)
-        entry = StepLog(step, sum(losses) / len(losses) + task_loss.item(), sum(aux_losses) / len(aux_losses),
-                        sum(entropies) / len(entropies))
+        entry = StepLog(step, *entry)
         result.history.append(entry)
         bar.update(1)
         bar.set_postfix(loss=f"{entry.loss:.4f}", aux=f"{entry.aux_loss:.4f}", entropy=f"{entry.entropy:.3f}")

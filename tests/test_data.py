@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from hmora.data import (
-    IGNORE_INDEX, BatchPosition, QWEN2_TEMPLATE, batch_order, collate, encode_example, encode_rows, left_pad,
-    load_rows, template_for,
+    IGNORE_INDEX, BatchPosition, QWEN2_TEMPLATE, batch_order, collate, encode_example, encode_prompt, encode_rows,
+    left_pad, load_rows, template_for,
 )
 from hmora.tiny import SYNTHETIC_TASKS, build_tiny_tokenizer, synthetic_rows
 
@@ -57,6 +57,14 @@ def test_labels_cover_exactly_the_answer(tokenizer):
     answer = batch["labels"][0][batch["labels"][0] != IGNORE_INDEX]
     assert tokenizer.decode(answer) == "<|im_start|>assistant\n3<|endoftext|>"
     assert batch["attention_mask"][0, :2].tolist() == [0, 0]  # the shorter row is padded on the left
+
+
+def test_generation_prompt_is_the_training_sequence_up_to_the_answer(tokenizer):
+    example = encode_example(tokenizer, QWEN2_TEMPLATE, "upper: abc", "ABC")
+    prompt, task_ids = encode_prompt(tokenizer, QWEN2_TEMPLATE, "upper: abc")
+    assert tuple(prompt) == example.input_ids[:len(prompt)]
+    assert tokenizer.decode(example.input_ids[len(prompt):]) == "ABC<|endoftext|>"
+    assert task_ids == example.task_ids == tuple(tokenizer("upper: abc", add_special_tokens=False)["input_ids"])
 
 
 def test_left_pad_keeps_empty_rows_fully_masked():

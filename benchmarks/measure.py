@@ -27,6 +27,7 @@ METRIC_SOURCES = {
     "aten_bytes": "TorchDispatchMode: sum of input + output tensor bytes of every aten operator",
     "kernel_bytes": "Triton interpreter load/store/atomic instrumented: bytes of unmasked elements, as issued",
     "kernel_unique_bytes": "same, each byte address counted once per launch (DRAM traffic if every re-read hit cache)",
+    "kernel_breakdown": "per kernel: launches, MB issued / MB unique",
     "traffic_bytes": "kernel_bytes + aten_bytes: everything the implementation moves",
     "traffic_min": "x read once, weights read once, y read-modify-written once, h/gates/outputs written once (fwd); "
                    "dy, x, h, gates, weights read once, dx and weight grads written once (bwd)",
@@ -59,6 +60,7 @@ class Row:
     aten_bytes: Optional[int] = None
     kernel_bytes: Optional[int] = None
     kernel_unique_bytes: Optional[int] = None
+    kernel_breakdown: str = ""
     traffic_bytes: Optional[int] = None
     traffic_min: Optional[int] = None
     cpu_s: Optional[float] = None
@@ -98,6 +100,18 @@ def _instrumented(implementation: str, ops: ins.OpTraffic):
     return contextlib.nullcontext()
 
 
+def kernel_breakdown(launches: List[ins.KernelLaunch]) -> str:
+    """'kernel xN: issued/unique MB' per kernel name, in launch order."""
+    totals: Dict[str, List[int]] = {}
+    for launch in launches:
+        entry = totals.setdefault(launch.kernel, [0, 0, 0])
+        entry[0] += 1
+        entry[1] += launch.traffic
+        entry[2] += launch.unique_traffic
+    return "; ".join(f"{name} x{n}: {issued / 1e6:.1f}/{unique / 1e6:.1f} MB"
+                     for name, (n, issued, unique) in totals.items())
+
+
 def measure_memory(w: Workload, implementation: str, problem: Problem) -> Dict[str, Row]:
     """Saved bytes, launches and traffic for forward, backward and both, from one instrumented step."""
     forward = forward_fn(implementation)
@@ -133,6 +147,7 @@ def measure_memory(w: Workload, implementation: str, problem: Problem) -> Dict[s
             row.kernel_unique_bytes = sum(k.total("unique_traffic") for k in kernel_counters)
             row.launches = row.kernel_launches + row.aten_ops
             row.traffic_bytes = row.kernel_bytes + row.aten_bytes
+            row.kernel_breakdown = kernel_breakdown([launch for k in kernel_counters for launch in k.launches])
         elif implementation == "triton":
             row.note = "kernel traffic needs TRITON_INTERPRET=1"
         else:

@@ -155,7 +155,7 @@ def linear_fit_label(xs: Sequence[float], ys: Sequence[float]) -> str:
 
     slope, intercept = np.polyfit(np.asarray(xs, dtype=float), np.asarray(ys, dtype=float), 1)
     worst = max(abs(y - (slope * x + intercept)) / y for x, y in zip(xs, ys))
-    return f"{slope:,.0f} B/token + {intercept / 1e6:.2f} MB, fit within {100 * worst:.1f}%"
+    return f"{slope:,.0f} B/token {intercept / 1e6:+.2f} MB, fit within {100 * worst:.1f}%"
 
 
 def plot_scaling(rows: List[Dict[str, object]], path: str) -> Optional[str]:
@@ -219,7 +219,8 @@ def plot_speedup(rows: List[Dict[str, object]], path: str) -> Optional[str]:
                          and r["speedup"] is not None), key=lambda r: (r["er"], r["experts"]))
         if picked:
             label = f"{impl}, {'Hydra' if hydra else 'per-expert A'}, {routing}"
-            ax.plot([r["er"] for r in picked], [r["speedup"] for r in picked], marker="o", label=label)
+            # points, not a line: several (E, r) share one E*r
+            ax.plot([r["er"] for r in picked], [r["speedup"] for r in picked], "o", alpha=0.8, label=label)
             for r in picked:
                 ax.annotate(f"E{r['experts']} r{r['rank']}", (r["er"], r["speedup"]), fontsize=7,
                             textcoords="offset points", xytext=(3, 3))

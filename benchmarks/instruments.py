@@ -116,38 +116,66 @@ class OpTraffic(TorchDispatchMode):
 
 @dataclass
 class KernelLaunch:
-    """One kernel launch under the interpreter: bytes of unmasked elements loaded/stored, issued and unique."""
+    """One kernel launch under the interpreter: bytes of unmasked elements loaded/stored, counted three ways.
+
+    loaded/stored:                 every element of every load/store instruction (as issued);
+    program_loaded/program_stored: each byte address once per program (repeats inside a program hit L1/registers);
+    unique_loaded/unique_stored:   each byte address once per launch (every re-read across programs hits cache).
+    """
 
     kernel: str
     programs: int = 0
     loaded: int = 0
     stored: int = 0
+    program_loaded: int = 0
+    program_stored: int = 0
     unique_loaded: int = 0
     unique_stored: int = 0
-    # element addresses touched so far, per element size: {itemsize: [arrays]}
-    _load_addrs: Dict[int, List[np.ndarray]] = field(default_factory=dict, repr=False)
-    _store_addrs: Dict[int, List[np.ndarray]] = field(default_factory=dict, repr=False)
+    # addresses of the running program, and the per-program unique addresses of the finished ones: {itemsize: [..]}
+    _program: Dict[str, Dict[int, List[np.ndarray]]] = field(
+        default_factory=lambda: {"load": {}, "store": {}}, repr=False)
+    _launch: Dict[str, Dict[int, List[np.ndarray]]] = field(
+        default_factory=lambda: {"load": {}, "store": {}}, repr=False)
 
     @property
     def traffic(self) -> int:
         return self.loaded + self.stored
 
     @property
+    def program_traffic(self) -> int:
+        return self.program_loaded + self.program_stored
+
+    @property
     def unique_traffic(self) -> int:
         return self.unique_loaded + self.unique_stored
 
+    def record(self, kind: str, ptrs: np.ndarray, mask: np.ndarray, itemsize: int) -> None:
+        """Keep the addresses of the unmasked elements of one load ("load") or store ("store")."""
+        shape = np.broadcast_shapes(ptrs.shape, mask.shape)
+        touched = np.broadcast_to(ptrs, shape)[np.broadcast_to(mask, shape)]
+        self._program[kind].setdefault(itemsize, []).append(touched.astype(np.uint64))
+        if kind == "load":
+            self.loaded += touched.size * itemsize
+        else:
+            self.stored += touched.size * itemsize
+
+    def end_program(self) -> None:
+        for kind in ("load", "store"):
+            for itemsize, chunks in self._program[kind].items():
+                distinct = np.unique(np.concatenate(chunks))
+                self._launch[kind].setdefault(itemsize, []).append(distinct)
+                if kind == "load":
+                    self.program_loaded += distinct.size * itemsize
+                else:
+                    self.program_stored += distinct.size * itemsize
+            self._program[kind] = {}
+
     def close(self, programs: int) -> None:
+        self.end_program()
         self.programs = programs
-        self.unique_loaded, self.unique_stored = _unique_bytes(self._load_addrs), _unique_bytes(self._store_addrs)
-        self._load_addrs, self._store_addrs = {}, {}
-
-
-def _record(addrs: Dict[int, List[np.ndarray]], ptrs: np.ndarray, mask: np.ndarray, itemsize: int) -> int:
-    """Keep the addresses of the unmasked elements; return their bytes."""
-    shape = np.broadcast_shapes(ptrs.shape, mask.shape)
-    touched = np.broadcast_to(ptrs, shape)[np.broadcast_to(mask, shape)]
-    addrs.setdefault(itemsize, []).append(touched.astype(np.uint64))
-    return touched.size * itemsize
+        self.unique_loaded = _unique_bytes(self._launch["load"])
+        self.unique_stored = _unique_bytes(self._launch["store"])
+        self._launch = {"load": {}, "store": {}}
 
 
 def _unique_bytes(addrs: Dict[int, List[np.ndarray]]) -> int:
@@ -165,7 +193,8 @@ class KernelTraffic(contextlib.AbstractContextManager):
     unmasked element loaded and stored (atomics count as one load and one store).
 
     `loaded`/`stored` are what the kernel issues (a weight re-read by every program counts every time);
-    `unique_*` count each byte address once per launch (what DRAM would see if every re-read hit cache).
+    `program_*` count each byte address once per program (what a GPU fetches when nothing is shared between
+    programs); `unique_*` once per launch (what DRAM would see if every re-read across programs hit cache).
     Pass an `OpTraffic` to pause its operator counting while a kernel runs (the interpreter copies
     arguments with aten ops that a GPU launch does not run).
     """
@@ -187,7 +216,12 @@ class KernelTraffic(contextlib.AbstractContextManager):
             (builder, "create_atomic_rmw"): builder.create_atomic_rmw,
             (builder, "create_atomic_cas"): builder.create_atomic_cas,
             (executor, "__call__"): executor.__call__,
+            (builder, "set_grid_idx"): builder.set_grid_idx,
         }
+
+        def set_grid_idx(self, x, y, z):  # the interpreter starts the next program
+            counter._require_launch().end_program()
+            return originals[(builder, "set_grid_idx")](self, x, y, z)
 
         def masked_load(self, ptrs, mask, other, cache_policy, is_volatile):
             counter._load(ptrs, mask.data)
@@ -221,6 +255,7 @@ class KernelTraffic(contextlib.AbstractContextManager):
             (builder, "create_atomic_rmw"): atomic_rmw,
             (builder, "create_atomic_cas"): atomic_cas,
             (executor, "__call__"): launch,
+            (builder, "set_grid_idx"): set_grid_idx,
         }
         for (owner, name), replacement in replacements.items():
             setattr(owner, name, replacement)
@@ -250,12 +285,10 @@ class KernelTraffic(contextlib.AbstractContextManager):
             self._op_traffic.paused = False
 
     def _load(self, ptrs, mask: np.ndarray) -> None:
-        launch = self._require_launch()
-        launch.loaded += _record(launch._load_addrs, ptrs.data, mask, _itemsize(ptrs))
+        self._require_launch().record("load", ptrs.data, mask, _itemsize(ptrs))
 
     def _store(self, ptrs, mask: np.ndarray) -> None:
-        launch = self._require_launch()
-        launch.stored += _record(launch._store_addrs, ptrs.data, mask, _itemsize(ptrs))
+        self._require_launch().record("store", ptrs.data, mask, _itemsize(ptrs))
 
     def _require_launch(self) -> KernelLaunch:
         if self._current is None:

@@ -26,8 +26,10 @@ METRIC_SOURCES = {
                 "torch paths: aten operators seen by a TorchDispatchMode (views and bare allocations excluded)",
     "aten_bytes": "TorchDispatchMode: sum of input + output tensor bytes of every aten operator",
     "kernel_bytes": "Triton interpreter load/store/atomic instrumented: bytes of unmasked elements, as issued",
+    "kernel_program_bytes": "same, each byte address counted once per program (a GPU's fetches when programs share "
+                            "nothing: repeats inside a program hit L1/registers)",
     "kernel_unique_bytes": "same, each byte address counted once per launch (DRAM traffic if every re-read hit cache)",
-    "kernel_breakdown": "per kernel: launches, MB issued / MB unique",
+    "kernel_breakdown": "per kernel: launches, MB issued / per-program unique / launch unique",
     "traffic_bytes": "kernel_bytes + aten_bytes: everything the implementation moves",
     "traffic_min": "x read once, weights read once, y read-modify-written once, h/gates/outputs written once (fwd); "
                    "dy, x, h, gates, weights read once, dx and weight grads written once (bwd)",
@@ -59,6 +61,7 @@ class Row:
     aten_ops: Optional[int] = None
     aten_bytes: Optional[int] = None
     kernel_bytes: Optional[int] = None
+    kernel_program_bytes: Optional[int] = None
     kernel_unique_bytes: Optional[int] = None
     kernel_breakdown: str = ""
     traffic_bytes: Optional[int] = None
@@ -101,15 +104,16 @@ def _instrumented(implementation: str, ops: ins.OpTraffic):
 
 
 def kernel_breakdown(launches: List[ins.KernelLaunch]) -> str:
-    """'kernel xN: issued/unique MB' per kernel name, in launch order."""
+    """'kernel xN: issued/per-program/unique MB' per kernel name, in launch order."""
     totals: Dict[str, List[int]] = {}
     for launch in launches:
-        entry = totals.setdefault(launch.kernel, [0, 0, 0])
+        entry = totals.setdefault(launch.kernel, [0, 0, 0, 0])
         entry[0] += 1
         entry[1] += launch.traffic
-        entry[2] += launch.unique_traffic
-    return "; ".join(f"{name} x{n}: {issued / 1e6:.1f}/{unique / 1e6:.1f} MB"
-                     for name, (n, issued, unique) in totals.items())
+        entry[2] += launch.program_traffic
+        entry[3] += launch.unique_traffic
+    return "; ".join(f"{name} x{n}: {issued / 1e6:.1f}/{program / 1e6:.1f}/{unique / 1e6:.1f} MB"
+                     for name, (n, issued, program, unique) in totals.items())
 
 
 def measure_memory(w: Workload, implementation: str, problem: Problem) -> Dict[str, Row]:
@@ -144,6 +148,7 @@ def measure_memory(w: Workload, implementation: str, problem: Problem) -> Dict[s
         if all(k is not None for k in kernel_counters):
             row.kernel_launches = sum(len(k.launches) for k in kernel_counters)
             row.kernel_bytes = sum(k.total("traffic") for k in kernel_counters)
+            row.kernel_program_bytes = sum(k.total("program_traffic") for k in kernel_counters)
             row.kernel_unique_bytes = sum(k.total("unique_traffic") for k in kernel_counters)
             row.launches = row.kernel_launches + row.aten_ops
             row.traffic_bytes = row.kernel_bytes + row.aten_bytes

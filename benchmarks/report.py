@@ -20,6 +20,8 @@ DERIVED_SOURCES = {
     "saved_vs_naive": "saved_bytes of the naive loop (reference) / saved_bytes",
     "traffic_ratio": "traffic_bytes / traffic_min",
     "traffic_vs_naive": "traffic_bytes of the naive loop (reference) / traffic_bytes",
+    "program_ratio": "(kernel_program_bytes + aten_bytes) / traffic_min",
+    "unique_ratio": "(kernel_unique_bytes + aten_bytes) / traffic_min",
     "speedup": "cpu_s (or gpu_s) of the naive loop (reference) / this implementation's",
 }
 
@@ -43,6 +45,8 @@ def derive(rows: List[Dict[str, object]]) -> List[Dict[str, object]]:
         r["saved_vs_naive"] = _ratio(ref.get("saved_bytes"), r["saved_bytes"])
         r["traffic_ratio"] = _ratio(r["traffic_bytes"], r["traffic_min"])
         r["traffic_vs_naive"] = _ratio(ref.get("traffic_bytes"), r["traffic_bytes"])
+        for counted, ratio in (("kernel_program_bytes", "program_ratio"), ("kernel_unique_bytes", "unique_ratio")):
+            r[ratio] = None if r.get(counted) is None else _ratio(r[counted] + r["aten_bytes"], r["traffic_min"])
         r["speedup"] = _ratio(ref.get(time_key), r[time_key])
     return rows
 
@@ -99,8 +103,9 @@ MEMORY_COLUMNS = [
     ("impl", "implementation", _plain), ("phase", "phase", _plain),
     ("saved MB", "saved_bytes", _mb), ("saved/min", "saved_ratio", _x), ("naive/saved", "saved_vs_naive", _x),
     ("launches", "launches", _plain), ("kernels", "kernel_launches", _plain),
-    ("traffic MB", "traffic_bytes", _mb), ("kernel unique MB", "kernel_unique_bytes", _mb),
-    ("min MB", "traffic_min", _mb), ("traffic/min", "traffic_ratio", _x), ("naive/traffic", "traffic_vs_naive", _x),
+    ("traffic MB", "traffic_bytes", _mb), ("min MB", "traffic_min", _mb), ("traffic/min", "traffic_ratio", _x),
+    ("per-program/min", "program_ratio", _x), ("unique/min", "unique_ratio", _x),
+    ("naive/traffic", "traffic_vs_naive", _x),
     ("note", "note", _plain),
 ]
 TIME_COLUMNS = [

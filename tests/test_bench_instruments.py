@@ -93,6 +93,25 @@ def _reread_add_kernel(x, w, y, n, BLOCK: tl.constexpr):
     tl.atomic_add(y + offs, tl.load(x + block, mask=keep, other=0.0) + tl.load(w + offs), mask=offs < BLOCK)
 
 
+@triton.jit
+def _broadcast_kernel(w, y, BLOCK: tl.constexpr):
+    # every program loads the 4 values of w BLOCK / 4 times each (a broadcast done with pointers)
+    offs = tl.arange(0, BLOCK)
+    tl.store(y + tl.program_id(0) * BLOCK + offs, tl.load(w + offs % 4))
+
+
+def test_kernel_traffic_counts_repeats_inside_a_program_once_per_program():
+    programs, block = 3, 32
+    w, y = torch.randn(4), torch.empty(programs * block)
+    with KernelTraffic() as kt:
+        _broadcast_kernel[(programs,)](w, y, BLOCK=block)
+    torch.testing.assert_close(y, w.repeat(programs * block // 4))
+    (launch,) = kt.launches
+    assert (launch.loaded, launch.program_loaded, launch.unique_loaded) == (
+        programs * block * F32, programs * 4 * F32, 4 * F32)
+    assert launch.stored == launch.program_stored == launch.unique_stored == programs * block * F32
+
+
 @pytest.mark.parametrize("n", [1000, 1024])  # a masked tail, and an exact multiple of the block
 def test_kernel_traffic_counts_unmasked_elements_of_a_copy(n):
     src, dst = torch.randn(n), torch.empty(n)
@@ -102,6 +121,7 @@ def test_kernel_traffic_counts_unmasked_elements_of_a_copy(n):
     (launch,) = kt.launches
     assert (launch.kernel, launch.programs) == ("_copy_kernel", triton.cdiv(n, 128))
     assert (launch.loaded, launch.stored, launch.unique_loaded, launch.unique_stored) == (n * F32,) * 4
+    assert (launch.program_loaded, launch.program_stored) == (n * F32,) * 2
 
 
 def test_kernel_traffic_counts_rereads_as_issued_not_unique_and_atomics_both_ways():
@@ -115,6 +135,7 @@ def test_kernel_traffic_counts_rereads_as_issued_not_unique_and_atomics_both_way
     atomic = programs * block * F32  # one read and one write of y per program
     assert launch.loaded == n * F32 + programs * block * F32 + atomic
     assert launch.unique_loaded == n * F32 + block * F32 + block * F32
+    assert launch.program_loaded == launch.loaded  # no address repeats inside one program
     assert (launch.stored, launch.unique_stored) == (atomic, block * F32)
     assert ops.ops == 0  # the interpreter's argument copies are not the program's operators
 

@@ -21,6 +21,15 @@ CASES = {
 }
 
 
+@pytest.fixture(autouse=True)
+def one_cpu_thread():
+    """One torch thread, as hmora-bench: on a shared, loaded machine OpenMP barriers dominate CPU timings."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _problem(case: str):
     return build_problem(CASES[case], device="cuda" if torch.cuda.is_available() else "cpu")
 

@@ -8,6 +8,7 @@ paper    the issue's acceptance point: the same at T 4096 (seconds on a GPU; hou
 paper-cpu  what the interpreter counts here in under an hour: the routed group at T 4096 and the decoder
          layer at T 4096 (torch paths) and T 1024 (all), at dropout 0 (the fused kernels' bytes do not depend
          on dropout: their masks are regenerated in registers; the default suite shows both).
+llama-cpu  LLaMA-3-8B shapes, routed group at T 256 and decoder layer at T 64 (minutes).
 full     paper + LLaMA-3-8B shapes, T up to 16k (torch paths; triton to 4096), E 2..64 x r 4..64,
          Hydra on/off, soft/top-2, torch.compile.
 """
@@ -71,6 +72,8 @@ def _suites() -> Dict[str, List[Case]]:
     ]
     return {
         "paper-cpu": paper_cpu,
+        # LLaMA-3-8B shapes at interpreter-sized T, paper setting with dropout 0.1
+        "llama-cpu": _paper_point(256, ("group",), model=LLAMA3_8B) + _paper_point(64, ("layer",), model=LLAMA3_8B),
         "quick": _paper_point(64, ("group",)) + _scaling([32]) + _speedup(64, [(2, 4), (8, 8)], [PAPER], timed),
         "default": _paper_point(256, ("group",)) + _paper_point(128, ("layer",)) + _scaling([64, 128])
         + _speedup(256, small_grid, [PAPER], timed),

@@ -182,7 +182,14 @@ def test_cpu_wall_time_runs_setup_untimed_before_every_run():
     assert calls == ["setup", "run"] * 3
 
 
-def test_hmora_bench_writes_table_csv_json_and_plots(tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def keep_torch_threads():
+    threads = torch.get_num_threads()  # hmora-bench sets its own thread count: give the other tests theirs back
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_hmora_bench_writes_table_csv_json_and_plots(tmp_path, monkeypatch, capsys, keep_torch_threads):
     tiny = Workload(TINY, PAPER, tokens=16, scope="layer")
     cases = [Case("paper", tiny, ("reference", "torch", "triton"), memory=True, timing=False),
              Case("scaling", tiny.with_tokens(32), ("reference", "torch"), memory=True, timing=False),

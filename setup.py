@@ -16,6 +16,7 @@ setup(
         "safetensors>=0.4",
         "pyarrow>=14",
         "tqdm>=4.60",
+        "numpy>=1.24",  # benchmarks: the interpreter's address sets
     ],
     extras_require={
         # accelerate: transformers.Trainer needs it (tests/test_hmora_trainer.py)

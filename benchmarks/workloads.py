@@ -173,7 +173,9 @@ def build_problem(w: Workload, seed: int = 0, device: str = "cpu") -> Problem:
         x = rand(T, a.d_in)
         A = [rand(a.rank_columns(s), a.d_in, scale=a.d_in ** -0.5) for _ in a.d_outs]
         B = [rand(d_out, s.num_experts * s.rank if a.routed else s.rank, scale=0.01) for d_out in a.d_outs]
-        bases = [rand(T, d_out) for d_out in a.d_outs]
+        # in a model a base is a frozen Linear's output: its gradient is dy itself, consumed by that GEMM's backward;
+        # a leaf base that requires grad would make autograd clone dy into .grad, a copy no model makes
+        bases = [rand(T, d_out, grad=False) for d_out in a.d_outs]
         entry = {"x": x, "A": A, "B": B, "bases": bases}
         weights += A + B
         if a.routed:
@@ -182,7 +184,7 @@ def build_problem(w: Workload, seed: int = 0, device: str = "cpu") -> Problem:
             weights += [entry["router_weight"], entry["router_bias"]]
         inputs[a.name] = entry
         grads += [rand(T, d_out, grad=False) for d_out in a.d_outs]
-    leaves = weights + [t for e in inputs.values() for t in [e["x"], *e["bases"]]]
+    leaves = weights + [e["x"] for e in inputs.values()]
     return Problem(w, inputs, weights, leaves, grads)
 
 

@@ -25,6 +25,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
+import hmora_kernels
+
 from .data import BatchPosition, Example, batch_order, collate, left_pad
 from .optim import build_optimizer, build_scheduler
 
@@ -120,7 +122,7 @@ def routing_entropy(router_probs: Dict[str, torch.Tensor], attention_mask: torch
     entropies = []
     for probs in router_probs.values():
         p = probs.detach().float()
-        token_entropy = -(p * torch.log(p + 1e-9)).sum(-1)
+        token_entropy = hmora_kernels.entropy(p)
         entropies.append((token_entropy * mask).sum() / mask.sum().clamp_min(1.0))
     return torch.stack(entropies).mean().item()
 

@@ -97,7 +97,8 @@ def _add_base(delta, base, x):
     return (base.to(delta.dtype) + delta).to(base.dtype)
 
 
-def _entropy(q):
+def entropy(q):
+    """H(q) = -sum_i q_i ln(q_i + 1e-9) over the last dimension (SPEC 4)."""
     return -(q * torch.log(q + 1e-9)).sum(-1)
 
 
@@ -114,8 +115,8 @@ def gjs_loss(p, gamma_c, gamma_b, mask=None):
     certainty = p.new_zeros(())
     for t in range(p.shape[0]):
         mean = mean + mask[t] * p[t]
-        certainty = certainty + mask[t] * torch.clamp(_entropy(p[t]), min=gamma_c * ln_e)
-    balance = torch.clamp(_entropy(mean / n), max=gamma_b * ln_e)
+        certainty = certainty + mask[t] * torch.clamp(entropy(p[t]), min=gamma_c * ln_e)
+    balance = torch.clamp(entropy(mean / n), max=gamma_b * ln_e)
     return torch.relu((gamma_b - gamma_c) * ln_e - (balance - certainty / n)) / ln_e
 
 

@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 
 from .dropout import ROUTER_STREAM, apply_dropout, member_stream
-from .reference import compute_dtype, sequence_index
+from .reference import compute_dtype, entropy, sequence_index
 from .types import GroupOutput
 
 
@@ -75,10 +75,6 @@ def routed_group(
     return GroupOutput(outputs, logits, p_tok, gates)
 
 
-def _entropy(q):
-    return -(q * torch.log(q + 1e-9)).sum(-1)
-
-
 def _flat_mask(p, mask):
     if mask is None:
         return torch.ones(p.shape[0], dtype=p.dtype, device=p.device)
@@ -93,8 +89,8 @@ def gjs_loss(p, gamma_c, gamma_b, mask=None):
     p = p.reshape(-1, E)
     mask = _flat_mask(p, mask)
     n = mask.sum()
-    balance = torch.clamp(_entropy((mask @ p) / n), max=gamma_b * ln_e)
-    certainty = (mask * torch.clamp(_entropy(p), min=gamma_c * ln_e)).sum() / n
+    balance = torch.clamp(entropy((mask @ p) / n), max=gamma_b * ln_e)
+    certainty = (mask * torch.clamp(entropy(p), min=gamma_c * ln_e)).sum() / n
     return torch.relu((gamma_b - gamma_c) * ln_e - (balance - certainty)) / ln_e
 
 

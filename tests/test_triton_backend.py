@@ -69,22 +69,39 @@ def test_routed_group_matches_reference(case):
         assert grads[name].dtype == leaf.dtype, f"grad {name}: {grads[name].dtype} for a {leaf.dtype} input"
 
 
-def test_deterministic_mode_is_bitwise_repeatable_and_matches_the_atomic_mode():
-    """torch.use_deterministic_algorithms(True) switches the weight-gradient reductions to one program per
-    column block (plain stores, no float atomics): two runs agree bit for bit and agree with the split mode."""
-    # T = 200: the non-deterministic mode splits the tokens over several programs
-    case = GroupCase("split reductions", T=200, d_in=40, d_outs=[24, 8], E=8, r=4, kind="hybrid", top_k=2, n_seq=2,
-                     dropout_p=0.1)
-    problem = make_problem(case)
-    split_values, split_grads = run_group(case, problem, "triton")
+@pytest.fixture
+def deterministic():
     torch.use_deterministic_algorithms(True)
     try:
-        runs = [run_group(case, problem, "triton") for _ in range(2)]
+        yield
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+# Deterministic mode sums every reduction in a fixed order: dB over one token split, dh and dgates over one slot
+# of partials per d_out column block. d_out 150 spans 3 column blocks (64 wide), so member 0's partials are summed.
+DETERMINISTIC_CASES = [
+    GroupCase("per-expert A, hybrid top-2, dropout, member 0 over 3 column blocks", T=200, d_in=40, d_outs=[150, 24],
+              E=8, r=4, kind="hybrid", top_k=2, n_seq=2, dropout_p=0.1),
+    GroupCase("Hydra, token soft routing, q/k/v-like members over 3 + 1 + 1 column blocks", T=100, d_in=40,
+              d_outs=[150, 16, 16], E=8, r=8, hydra=True, kind="token"),
+]
+
+
+@pytest.mark.parametrize("case", DETERMINISTIC_CASES, ids=str)
+def test_deterministic_mode_is_bitwise_repeatable_and_matches_the_reference(case, deterministic):
+    """torch.use_deterministic_algorithms(True): no float atomics, so two runs agree bit for bit; both equal the
+    float64 reference as the atomic mode does."""
+    problem = make_problem(case)
+    runs = [run_group(case, problem, "triton") for _ in range(2)]
     for name in runs[0][1]:
         assert torch.equal(runs[0][1][name], runs[1][1][name]), f"grad {name} differs between deterministic runs"
-        assert_close(runs[0][1][name], split_grads[name], case.dtype, f"grad {name} deterministic vs split")
+    assert_matches_reference(case, *runs[0], *run_group(case, problem, "reference", as_float64=True))
+
+
+def test_deterministic_plain_lora_matches_reference(deterministic):
+    """Plain LoRA in deterministic mode: its rank gradient is summed over the slots of 2 column blocks."""
+    check_lora_against_reference("triton", F32, 70, 40, 100, 8)
 
 
 def test_router_logits_from_a_deeper_router():
@@ -134,11 +151,15 @@ def _group(E, r, members, hydra=False):
 
 
 @pytest.mark.parametrize("args,message", [
-    (_group(E=16, r=16, members=1, hydra=True), r"E\*r = 16\*16 = 256 exceeds the kernels' limit 128.*backend='torch'"),
+    (_group(E=16, r=16, members=1, hydra=True),
+     r"E\*r = 16\*16, padded to powers of two 16\*16 = 256, exceeds the kernels' limit 128.*backend='torch'"),
+    # 120 columns, but the register tile is an outer product of power-of-two expert and rank slots
+    (_group(E=3, r=40, members=1, hydra=True),
+     r"E\*r = 3\*40, padded to powers of two 4\*64 = 256, exceeds the kernels' limit 128.*backend='torch'"),
     (_group(E=32, r=2, members=1), r"E = 32 experts exceeds the kernels' limit 16.*backend='torch'"),
     (_group(E=2, r=4, members=5), r"5 members share one router, the kernels take at most 4.*backend='torch'"),
     (_group(E=8, r=16, members=3), r"3 members x rank width 128.*= 384 exceeds the kernels' limit 256"),
-], ids=["E*r", "E", "members", "group-rank"])
+], ids=["E*r", "E*r padded", "E", "members", "group-rank"])
 def test_inputs_beyond_the_kernels_limits_name_the_fix(args, message):
     with pytest.raises(ValueError, match=message):
         hk.routed_group(args.pop("x"), args.pop("members_A"), args.pop("members_B"), args.pop("scaling"),

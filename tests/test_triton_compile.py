@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-KERNELS = {"shrink_route_kernel", "expand_kernel", "rank_grad_kernel", "input_grad_kernel", "b_grad_kernel"}
+KERNELS = {"shrink_route_kernel", "expand_kernel", "output_grad_kernel", "route_grad_kernel", "input_grad_kernel"}
 
 
 def test_every_kernel_compiles_for_sm80_and_sm90_without_spills():

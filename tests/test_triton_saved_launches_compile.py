@@ -67,7 +67,8 @@ def test_saved_for_backward_is_x_rank_activations_and_routing_only():
 
 
 def test_launches_per_group_forward_and_backward():
-    """At most 2 launches per routed group forward and 4 per backward (here: 2 and 3), any number of members."""
+    """2 kernels per routed group forward and 3 per backward, any number of members (plus, outside the kernels,
+    2 memsets of the buffers the backward adds into); plain LoRA: 2 and 2 (no routing to take back)."""
     args = paper_group()
     with observe_launches() as forward:
         out = call(args, "triton")
@@ -75,12 +76,13 @@ def test_launches_per_group_forward_and_backward():
     with observe_launches() as backward:
         loss.backward()
     assert [name for name, *_ in forward] == ["shrink_route_kernel", "expand_kernel"]
-    assert [name for name, *_ in backward] == ["rank_grad_kernel", "input_grad_kernel", "b_grad_kernel"]
+    assert [name for name, *_ in backward] == ["output_grad_kernel", "route_grad_kernel", "input_grad_kernel"]
     with observe_launches() as lora_forward:
         y = hk.lora(args["x"], args["members_A"][0], args["members_B"][0][:, :R], 1.0, backend="triton")
     with observe_launches() as lora_backward:
         y.float().sum().backward()
-    assert len(lora_forward) == 2 and len(lora_backward) == 3
+    assert [name for name, *_ in lora_forward] == ["shrink_route_kernel", "expand_kernel"]
+    assert [name for name, *_ in lora_backward] == ["output_grad_kernel", "input_grad_kernel"]
 
 
 def test_torch_compile_fullgraph_traces_the_custom_ops():

@@ -2,8 +2,9 @@
 
 Forward per routed group: 2 launches (shrink_route_kernel: x read once for the router and every member,
 routing in registers; expand_kernel: y_m = base_m + s (g (x) h_m) B_m^T for all members). Backward: 3 launches
-(rank_grad_kernel, input_grad_kernel, b_grad_kernel) plus one memset when gradients may use atomics, i.e.
-unless torch.use_deterministic_algorithms(True) is on. Runs on CUDA tensors, or on CPU tensors when
+(output_grad_kernel: each dY read once for dB and the rank/gate gradients; route_grad_kernel: routing back to the
+logits; input_grad_kernel: x read once for dx, dA and the router's gradients) plus two memsets when gradients
+may use atomics, i.e. unless torch.use_deterministic_algorithms(True) is on. Runs on CUDA tensors, or on CPU tensors when
 TRITON_INTERPRET=1 was set before triton was imported.
 """
 from __future__ import annotations

@@ -157,7 +157,7 @@ def run_job(job: Tuple[int, int, int], scenarios=SCENARIOS) -> dict:
     usage = resource_usage(compiled.asm["cubin"])
     return dict(kernel=name, scenario=scenarios[si].why, arch=f"sm_{arch}", num_warps=warps,
                 tiles={k: v for k, v in constexprs.items() if k in ("BM", "BK", "BN")},
-                pads={k: v for k, v in constexprs.items() if k in ("R_PAD", "KE_PAD", "E_PAD", "M", "RANK")},
+                pads={k: v for k, v in constexprs.items() if k in ("R_PAD", "E_SLOTS", "R_SLOTS", "E_PAD", "M", "RANK")},
                 reg=usage["REG"], shared=max(usage["SHARED"], compiled.metadata.shared), local=usage["LOCAL"],
                 stack=usage["STACK"], limits=LIMITS[arch], wgmma="wgmma" in compiled.asm["ptx"])
 

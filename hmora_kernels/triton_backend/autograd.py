@@ -1,8 +1,9 @@
 """The routed-group op as a torch.library custom op (forward and backward), with fake implementations so
 torch.compile(fullgraph=True) traces through it, and the launch sequence of each direction.
 
-Forward: shrink_route_kernel + expand_kernel (2 launches). Backward: rank_grad_kernel, input_grad_kernel,
-b_grad_kernel (3 launches), plus one memset of the fp32 weight-gradient buffer when not deterministic.
+Forward: shrink_route_kernel + expand_kernel (2 launches). Backward: output_grad_kernel (each dY read once),
+route_grad_kernel (none for plain LoRA unless deterministic) and input_grad_kernel (x read once), plus, when not
+deterministic, two memsets: the fp32 weight-gradient buffer and the slot of rank/gate partials, both added into.
 Saved for backward: x (a reference), h (T, M*HR) in x's dtype, gates and p_tok (T, E) fp32, and the parameters.
 """
 from __future__ import annotations
@@ -13,11 +14,11 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from .b_grad import run_b_grad
 from .expand import run_expand
 from .input_grad import run_input_grad
+from .output_grad import run_output_grad
 from .plan import ROUTER_LOGITS, ROUTER_NONE, ROUTER_WEIGHT, GroupPlan
-from .rank_grad import run_rank_grad
+from .route_grad import run_route_grad
 from .shrink_route import run_shrink_route
 
 
@@ -150,14 +151,14 @@ def run_backward(plan: GroupPlan, dys, dlogits_in, dp_tok_in, dgates_in, x, As, 
     """The backward launches: (dx, flat fp32 weight gradients, dlogits or None)."""
     x, As, Bs, dys = _dense(x), _dense(As), _dense(Bs), _dense(dys)
     router_weight, task_probs, alpha = _dense([router_weight, task_probs, alpha])
-    dh, dlogits, dtask_tok, dalpha_tok = run_rank_grad(
-        plan, dys, Bs, h, gates, p_tok, task_probs, alpha, *_dense([dgates_in, dp_tok_in, dlogits_in]),
-    )
     make = torch.empty if plan.deterministic else torch.zeros
     flat = make(weight_grad_size(plan), dtype=torch.float32, device=x.device)
     grads = split_weight_grads(plan, flat)
-    dx = run_input_grad(plan, x, As, router_weight if plan.computes_logits else None, dh, dlogits, grads)
-    run_b_grad(plan, dys, h, gates, dlogits, dtask_tok, dalpha_tok, grads)
+    dh_slots, dgates_slots, slot_starts = run_output_grad(plan, dys, Bs, h, gates, grads)
+    dlogits, dtask_tok, dalpha_tok = run_route_grad(plan, dh_slots, dgates_slots, slot_starts, p_tok, task_probs,
+                                                    alpha, *_dense([dgates_in, dp_tok_in, dlogits_in]))
+    dx = run_input_grad(plan, x, As, router_weight if plan.computes_logits else None, dh_slots, dlogits, dtask_tok,
+                        dalpha_tok, grads)
     return dx, flat, dlogits
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Tuple
 
 # Limits of the kernels; above them the caller gets a ValueError that names backend='torch'.
-MAX_RANK_WIDTH = 128   # E * r: width of the gate-scaled rank block kept in registers
+MAX_RANK_WIDTH = 128   # E * r with both padded to powers of two: the gate-scaled rank block kept in registers
 MAX_EXPERTS = 16       # E: router logits and routing live in one register tile
 MAX_MEMBERS = 4        # members sharing one x and one router (q/k/v is 3)
 MAX_GROUP_RANK = 256   # sum over members of the padded width of h_m: the forward keeps all of them in registers
@@ -18,9 +18,21 @@ KIND_CODES = {"token": 0, "task": 1, "hybrid": 2, "none": 3}  # "none": plain Lo
 ROUTER_NONE, ROUTER_WEIGHT, ROUTER_LOGITS = 0, 1, 2           # where the logits come from
 
 
+def pow2(n: int) -> int:
+    return 1 << (max(n, 1) - 1).bit_length()
+
+
 def padded(n: int) -> int:
     """tl.dot needs every dimension >= 16 and a power of two."""
-    return max(16, 1 << (max(n, 1) - 1).bit_length())
+    return max(16, pow2(n))
+
+
+def rank_slots(E: int, r: int) -> tuple:
+    """(expert slots, rank slots per expert) of the gate-scaled operand g (x) h: column e * R_SLOTS + j holds
+    g[e] h[j]. Powers of two, so the operand is an outer product reshaped in registers from compact g and h
+    tiles, with at least 16 columns for tl.dot."""
+    e_slots = pow2(E)
+    return e_slots, max(pow2(r), 16 // e_slots)
 
 
 @dataclass(frozen=True)
@@ -68,8 +80,17 @@ class GroupPlan:
         return padded(self.HR)
 
     @property
-    def KE_PAD(self) -> int:
-        return padded(self.KE)
+    def E_SLOTS(self) -> int:
+        return rank_slots(self.E, self.r)[0]
+
+    @property
+    def R_SLOTS(self) -> int:
+        return rank_slots(self.E, self.r)[1]
+
+    @property
+    def KE_SLOTS(self) -> int:
+        """Columns of the gate-scaled operand in registers (E*r padded; see rank_slots)."""
+        return self.E_SLOTS * self.R_SLOTS
 
     @property
     def E_PAD(self) -> int:
@@ -90,17 +111,18 @@ class GroupPlan:
     @property
     def wide(self) -> bool:
         """The register-heavy tier: the members' rank accumulators together exceed 128 fp32 columns, or E*r > 64."""
-        return self.M * self.R_PAD > 128 or self.KE_PAD > 64
+        return self.M * self.R_PAD > 128 or self.KE_SLOTS > 64
 
     def tiles(self, kernel: str) -> Blocks:
         """The one tile configuration of `kernel` for this group (chosen so that no kernel spills; see aot.py)."""
         return TILES[kernel][self.wide]
 
-    def token_splits(self, column_programs: int, block_rows: int) -> Tuple[int, int]:
-        """(splits, tokens per split) of a weight-gradient reduction over tokens: one split when deterministic
-        (plain stores), else enough programs for ~4 waves of a 132-SM GPU (fp32 atomic adds into zeroed buffers)."""
+    def token_splits(self, column_programs: int, block_rows: int, reduces: bool = True) -> Tuple[int, int]:
+        """(splits, tokens per split) of the token axis of a column-parallel kernel: enough programs for ~4 waves
+        of a 132-SM GPU, except one split for a reduction over tokens in deterministic mode (plain stores instead
+        of fp32 atomic adds into zeroed buffers)."""
         splits = 1
-        if not self.deterministic:
+        if not (reduces and self.deterministic):
             splits = max(1, min(-(-self.T // block_rows), -(-4 * 132 // column_programs)))
         per_split = -(-(-(-self.T // splits)) // block_rows) * block_rows
         return -(-self.T // per_split), per_split
@@ -114,17 +136,19 @@ class GroupPlan:
 # kernel -> (narrow tier, wide tier)
 TILES = {
     "shrink_route": (Blocks(rows=32, cols=32, num_warps=8), Blocks(rows=16, cols=16, num_warps=8)),
-    "expand": (Blocks(rows=32, cols=32, num_warps=8), Blocks(rows=16, cols=32, num_warps=8)),
-    "rank_grad": (Blocks(rows=16, cols=32, num_warps=8), Blocks(rows=16, cols=32, num_warps=8)),
+    "expand": (Blocks(rows=32, cols=64, num_warps=8), Blocks(rows=16, cols=32, num_warps=8)),
+    "output_grad": (Blocks(rows=32, cols=32, num_warps=8), Blocks(rows=16, cols=32, num_warps=8)),
+    "route_grad": (Blocks(rows=32, cols=0, num_warps=4), Blocks(rows=32, cols=0, num_warps=4)),  # no column axis
     "input_grad": (Blocks(rows=16, cols=32, num_warps=8), Blocks(rows=16, cols=16, num_warps=8)),
-    "b_grad": (Blocks(rows=32, cols=64, num_warps=8), Blocks(rows=16, cols=32, num_warps=8)),
 }
 
 
 def check_limits(E: int, r: int, hydra: bool, num_members: int) -> None:
     fix = "use backend='torch' (same signature) for this layer"
-    if E * r > MAX_RANK_WIDTH:
-        raise ValueError(f"triton backend: E*r = {E}*{r} = {E * r} exceeds the kernels' limit {MAX_RANK_WIDTH}; {fix}")
+    e_slots, r_slots = rank_slots(E, r)
+    if e_slots * r_slots > MAX_RANK_WIDTH:
+        raise ValueError(f"triton backend: E*r = {E}*{r}, padded to powers of two {e_slots}*{r_slots} = "
+                         f"{e_slots * r_slots}, exceeds the kernels' limit {MAX_RANK_WIDTH}; {fix}")
     if E > MAX_EXPERTS:
         raise ValueError(f"triton backend: E = {E} experts exceeds the kernels' limit {MAX_EXPERTS}; {fix}")
     if num_members > MAX_MEMBERS:

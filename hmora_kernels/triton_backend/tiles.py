@@ -18,10 +18,32 @@ FP32_DOT = tl.constexpr("tf32x3")
 
 
 @triton.jit
+def token_rows(t0, t_end, BM: tl.constexpr):
+    """(rows, in range, rows as int64 for offsets that can pass 2^31) of the BM tokens from t0, up to t_end."""
+    rows = t0 + tl.arange(0, BM)
+    return rows, rows < t_end, rows.to(tl.int64)
+
+
+@triton.jit
 def token_block(T, BM: tl.constexpr):
-    """(rows, in range, rows as int64 for offsets that can pass 2^31) of this program's block of BM tokens."""
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
-    return rows, rows < T, rows.to(tl.int64)
+    """token_rows of this program's block of BM tokens (grid axis 0 over token blocks)."""
+    return token_rows(tl.program_id(0) * BM, T, BM)
+
+
+@triton.jit
+def token_split(T, tokens_per_split):
+    """[begin, end) of this program's share of the tokens (grid axis 1 over token splits)."""
+    t_begin = tl.program_id(1) * tokens_per_split
+    return t_begin, tl.minimum(t_begin + tokens_per_split, T)
+
+
+@triton.jit
+def accumulate(ptrs, value, mask, ATOMIC: tl.constexpr):
+    """Add into zeroed memory shared with other programs (fp32 atomics), or store what this program owns alone."""
+    if ATOMIC:
+        tl.atomic_add(ptrs, value, mask=mask)
+    else:
+        tl.store(ptrs, value, mask=mask)
 
 
 @triton.jit
@@ -94,15 +116,37 @@ def gates_from_probs(p, cols, valid, top_k, TOP_K: tl.constexpr, RENORM_SOFTMAX:
 
 
 @triton.jit
-def rank_tile(h_ptr, gates_ptr, rows64, row_ok, ck, h_stride, h_col0, E, KE, RANK: tl.constexpr,
-              HYDRA: tl.constexpr, GATED: tl.constexpr):
-    """(BM, KE_PAD) operand of the expand GEMM: column c = e*r + j holds g[t, e] * h[t, j (Hydra) or c]."""
-    ok = row_ok[:, None] & (ck < KE)[None, :]
+def rank_and_gates(h_ptr, gates_ptr, rows64, row_ok, h_stride, h_col0, E, RANK: tl.constexpr,
+                   E_SLOTS: tl.constexpr, R_SLOTS: tl.constexpr, HYDRA: tl.constexpr, GATED: tl.constexpr):
+    """(h3, g) of a block of tokens, each address loaded once: h3 (BM, E_SLOTS or 1, R_SLOTS) holds h[t, e*r + j]
+    (Hydra: the one h[t, j] of all experts, broadcast later), g (BM, E_SLOTS) the gates (ones when not gated)."""
+    e = tl.arange(0, E_SLOTS)
+    j = tl.arange(0, R_SLOTS)
     if HYDRA:
-        h_cols = ck % RANK
+        h3 = tl.load(h_ptr + rows64[:, None] * h_stride + h_col0 + j[None, :],
+                     mask=row_ok[:, None] & (j < RANK)[None, :], other=0.0).to(tl.float32)[:, None, :]
     else:
-        h_cols = ck
-    tile = tl.load(h_ptr + rows64[:, None] * h_stride + h_col0 + h_cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        cols = e[:, None] * RANK + j[None, :]
+        ok = (e < E)[:, None] & (j < RANK)[None, :]
+        h3 = tl.load(h_ptr + rows64[:, None, None] * h_stride + h_col0 + cols[None, :, :],
+                     mask=row_ok[:, None, None] & ok[None, :, :], other=0.0).to(tl.float32)
     if GATED:
-        tile = tile * tl.load(gates_ptr + rows64[:, None] * E + (ck // RANK)[None, :], mask=ok, other=0.0)
-    return tile
+        g = tl.load(gates_ptr + rows64[:, None] * E + e[None, :], mask=row_ok[:, None] & (e < E)[None, :], other=0.0)
+    else:
+        g = tl.full((rows64.shape[0], E_SLOTS), 1.0, tl.float32)
+    return h3, g
+
+
+@triton.jit
+def gated_operand(h3, g, E_SLOTS: tl.constexpr, R_SLOTS: tl.constexpr):
+    """(BM, E_SLOTS * R_SLOTS) operand of the expand GEMM: column e * R_SLOTS + j holds g[t, e] * h[t, e, j]."""
+    return tl.reshape(g[:, :, None] * h3, (g.shape[0], E_SLOTS * R_SLOTS))
+
+
+@triton.jit
+def b_columns(E, RANK: tl.constexpr, E_SLOTS: tl.constexpr, R_SLOTS: tl.constexpr):
+    """(column of B, valid) for each column e * R_SLOTS + j of the gate-scaled operand: B's column e * r + j."""
+    c = tl.arange(0, E_SLOTS * R_SLOTS)
+    e = c // R_SLOTS
+    j = c % R_SLOTS
+    return e * RANK + j, (e < E) & (j < RANK)

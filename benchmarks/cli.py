@@ -21,6 +21,8 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions per point (the fastest is kept)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: on a shared, loaded machine OpenMP barriers wreck timings)")
+    parser.add_argument("--l2-mib", type=float, default=40,
+                        help="L2 size of the cache model behind the kernels' DRAM bytes (default 40: an A100)")
     parser.add_argument("--no-plots", action="store_true", help="skip the matplotlib PNGs")
     parser.add_argument("--markdown", action="store_true", help="print the tables as Markdown (for docs/BENCHMARKS.md)")
     parser.add_argument("--from-json", metavar="RESULTS_JSON",
@@ -35,7 +37,7 @@ def _set_interpreter_unless_cuda() -> None:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-def _run_suite(suite: str, repeats: int, out: str) -> List[dict]:
+def _run_suite(suite: str, repeats: int, l2_mib: float, out: str) -> List[dict]:
     """Measure every case; results.csv/json are rewritten after each run so a long suite keeps what it measured."""
     from tqdm import tqdm
 
@@ -46,11 +48,12 @@ def _run_suite(suite: str, repeats: int, out: str) -> List[dict]:
     jobs = [(case, impl) for case in SUITES[suite] for impl in case.implementations]
     rows = []
     for case, impl in tqdm(jobs, desc=f"hmora-bench {suite}", unit="run"):
-        for row in measure(case.workload, impl, memory=case.memory, timing=case.timing, repeats=repeats):
+        for row in measure(case.workload, impl, memory=case.memory, timing=case.timing, repeats=repeats,
+                           l2_bytes=int(l2_mib * 2**20)):
             rows.append({"section": case.section, **row.as_dict()})
         rows = report.derive(rows)
         report.write_csv(rows, os.path.join(out, "results.csv"))
-        report.write_json(rows, os.path.join(out, "results.json"), suite)
+        report.write_json(rows, os.path.join(out, "results.json"), suite, settings={"l2_mib": l2_mib})
     return rows
 
 
@@ -72,7 +75,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     os.makedirs(args.out, exist_ok=True)
     written = []
     if not args.from_json:
-        rows = _run_suite(args.suite, args.repeats, args.out)
+        rows = _run_suite(args.suite, args.repeats, args.l2_mib, args.out)
         written += [os.path.join(args.out, name) for name in ("results.csv", "results.json")]
     print(report.tables(rows, markdown=args.markdown))
     if not args.no_plots:

@@ -6,6 +6,7 @@
   output tensors (what an unfused implementation moves through memory, one operator at a time).
 - `KernelTraffic`: wraps the Triton interpreter's load/store/atomic primitives and its grid launcher,
   counting per kernel launch the bytes of every unmasked element loaded and stored, and the unique ones.
+- `L2Model`: the DRAM bytes of a launch's loads and stores under an LRU model of a GPU's L2 cache.
 - `cpu_wall_time` and `gpu_time`: wall time; GPU time only where a CUDA device exists.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional
 
@@ -114,13 +116,69 @@ class OpTraffic(TorchDispatchMode):
 # ---------------------------------------------------------------- kernel traffic (Triton interpreter)
 
 
+# The A100's L2 (40 MiB): the GPU the issue's DRAM-traffic target is stated for.
+A100_L2_BYTES = 40 * 2**20
+# NVIDIA L2 moves data to and from DRAM in 32-byte sectors.
+SECTOR_BYTES = 32
+
+
+class L2Model:
+    """DRAM bytes of one kernel launch under an LRU model of the L2 cache, `capacity` bytes of 32-byte sectors.
+
+    - each program's accesses are first reduced to its distinct sectors (loads and stores separately; a sector
+      both loaded and stored in a program counts as both), then applied to the cache in program order, the
+      program's loads before its stores, each in address order;
+    - a load of a sector not in the cache is a miss: 32 bytes read from DRAM, and the sector is inserted (MRU);
+      a hit only refreshes it;
+    - a store allocates the sector (write-back, no DRAM read for the store) and marks it dirty; a dirty sector
+      costs 32 bytes of DRAM write when evicted or when the launch ends (`flush`);
+    - eviction is LRU by sector as soon as the resident bytes exceed the capacity;
+    - the cache starts cold at each launch (conservative: data a previous kernel left in L2 is not credited).
+    """
+
+    def __init__(self, capacity: int = A100_L2_BYTES):
+        if capacity < SECTOR_BYTES:
+            raise ValueError(f"an L2 of {capacity} bytes holds no {SECTOR_BYTES}-byte sector")
+        self.dram_loaded = 0
+        self.dram_stored = 0
+        self._max_sectors = capacity // SECTOR_BYTES
+        self._resident: "OrderedDict[int, bool]" = OrderedDict()  # sector -> dirty, least recently used first
+
+    def run_program(self, loaded: np.ndarray, stored: np.ndarray) -> None:
+        """Apply one program's distinct loaded and stored byte addresses (elements are naturally aligned and
+        at most 32 bytes wide, so an element lies in the sector of its first byte)."""
+        resident, max_sectors = self._resident, self._max_sectors
+        misses = evicted_dirty = 0
+        for sector in _distinct(loaded // SECTOR_BYTES).tolist():
+            if sector in resident:
+                resident.move_to_end(sector)
+                continue
+            resident[sector] = False
+            misses += 1
+            if len(resident) > max_sectors:
+                evicted_dirty += resident.popitem(last=False)[1]
+        for sector in _distinct(stored // SECTOR_BYTES).tolist():
+            resident[sector] = True
+            resident.move_to_end(sector)  # assigning an existing key keeps its place in the order
+            if len(resident) > max_sectors:
+                evicted_dirty += resident.popitem(last=False)[1]
+        self.dram_loaded += SECTOR_BYTES * misses
+        self.dram_stored += SECTOR_BYTES * evicted_dirty
+
+    def flush(self) -> None:
+        """End of the launch: write back every dirty sector and empty the cache."""
+        self.dram_stored += SECTOR_BYTES * sum(self._resident.values())
+        self._resident.clear()
+
+
 @dataclass
 class KernelLaunch:
-    """One kernel launch under the interpreter: bytes of unmasked elements loaded/stored, counted three ways.
+    """One kernel launch under the interpreter: bytes of unmasked elements loaded/stored, counted four ways.
 
     loaded/stored:                 every element of every load/store instruction (as issued);
     program_loaded/program_stored: each byte address once per program (repeats inside a program hit L1/registers);
-    unique_loaded/unique_stored:   each byte address once per launch (every re-read across programs hits cache).
+    unique_loaded/unique_stored:   each byte address once per launch (every re-read across programs hits cache);
+    dram_loaded/dram_stored:       DRAM bytes read/written under `l2`, an LRU model of the L2 cache (see `L2Model`).
     """
 
     kernel: str
@@ -131,6 +189,9 @@ class KernelLaunch:
     program_stored: int = 0
     unique_loaded: int = 0
     unique_stored: int = 0
+    dram_loaded: int = 0
+    dram_stored: int = 0
+    l2: L2Model = field(default_factory=L2Model, repr=False)
     # addresses of the running program, and the per-program unique addresses of the finished ones: {itemsize: [..]}
     _program: Dict[str, Dict[int, List[np.ndarray]]] = field(
         default_factory=lambda: {"load": {}, "store": {}}, repr=False)
@@ -149,6 +210,10 @@ class KernelLaunch:
     def unique_traffic(self) -> int:
         return self.unique_loaded + self.unique_stored
 
+    @property
+    def dram_traffic(self) -> int:
+        return self.dram_loaded + self.dram_stored
+
     def record(self, kind: str, ptrs: np.ndarray, mask: np.ndarray, itemsize: int) -> None:
         """Keep the addresses of the unmasked elements of one load ("load") or store ("store")."""
         shape = np.broadcast_shapes(ptrs.shape, mask.shape)
@@ -160,15 +225,20 @@ class KernelLaunch:
             self.stored += touched.size * itemsize
 
     def end_program(self) -> None:
+        program_addresses = {}
         for kind in ("load", "store"):
+            per_itemsize = [np.empty(0, dtype=np.uint64)]
             for itemsize, chunks in self._program[kind].items():
-                distinct = np.unique(np.concatenate(chunks))
+                distinct = _distinct(np.concatenate(chunks))
                 self._launch[kind].setdefault(itemsize, []).append(distinct)
+                per_itemsize.append(distinct)
                 if kind == "load":
                     self.program_loaded += distinct.size * itemsize
                 else:
                     self.program_stored += distinct.size * itemsize
+            program_addresses[kind] = np.concatenate(per_itemsize)
             self._program[kind] = {}
+        self.l2.run_program(program_addresses["load"], program_addresses["store"])
 
     def close(self, programs: int) -> None:
         self.end_program()
@@ -176,10 +246,21 @@ class KernelLaunch:
         self.unique_loaded = _unique_bytes(self._launch["load"])
         self.unique_stored = _unique_bytes(self._launch["store"])
         self._launch = {"load": {}, "store": {}}
+        self.l2.flush()
+        self.dram_loaded, self.dram_stored = self.l2.dram_loaded, self.l2.dram_stored
+
+
+def _distinct(values: np.ndarray) -> np.ndarray:
+    """The sorted distinct values: np.unique's result, by a sort and a neighbour compare (numpy 2.4's np.unique
+    is 10-70x slower on these address arrays)."""
+    ordered = np.sort(values)
+    first = np.ones(ordered.size, dtype=bool)
+    first[1:] = ordered[1:] != ordered[:-1]
+    return ordered[first]
 
 
 def _unique_bytes(addrs: Dict[int, List[np.ndarray]]) -> int:
-    return sum(int(np.unique(np.concatenate(chunks)).size) * itemsize for itemsize, chunks in addrs.items())
+    return sum(int(_distinct(np.concatenate(chunks)).size) * itemsize for itemsize, chunks in addrs.items())
 
 
 def _itemsize(ptrs) -> int:
@@ -194,12 +275,14 @@ class KernelTraffic(contextlib.AbstractContextManager):
 
     `loaded`/`stored` are what the kernel issues (a weight re-read by every program counts every time);
     `program_*` count each byte address once per program (what a GPU fetches when nothing is shared between
-    programs); `unique_*` once per launch (what DRAM would see if every re-read across programs hit cache).
-    Pass an `OpTraffic` to pause its operator counting while a kernel runs (the interpreter copies
-    arguments with aten ops that a GPU launch does not run).
+    programs); `unique_*` once per launch (what DRAM would see if every re-read across programs hit cache);
+    `dram_*` what DRAM sees under an LRU model of an L2 cache of `l2_bytes` (see `L2Model`).
+    Pass an `OpTraffic` to pause its operator counting while a kernel runs (the interpreter copies arguments
+    with aten ops that a GPU launch does not run).
     """
 
-    def __init__(self, op_traffic: Optional[OpTraffic] = None):
+    def __init__(self, op_traffic: Optional[OpTraffic] = None, l2_bytes: int = A100_L2_BYTES):
+        self.l2_bytes = l2_bytes
         self.launches: List[KernelLaunch] = []
         self._current: Optional[KernelLaunch] = None
         self._op_traffic = op_traffic
@@ -243,7 +326,7 @@ class KernelTraffic(contextlib.AbstractContextManager):
             return originals[(builder, "create_atomic_cas")](self, ptr, cmp, val, sem, scope)
 
         def launch(self, *args, **kwargs):
-            counter._begin(KernelLaunch(getattr(self.fn, "__name__", "kernel")))
+            counter._begin(KernelLaunch(getattr(self.fn, "__name__", "kernel"), l2=L2Model(counter.l2_bytes)))
             try:
                 return originals[(executor, "__call__")](self, *args, **kwargs)
             finally:

@@ -29,7 +29,11 @@ METRIC_SOURCES = {
     "kernel_program_bytes": "same, each byte address counted once per program (a GPU's fetches when programs share "
                             "nothing: repeats inside a program hit L1/registers)",
     "kernel_unique_bytes": "same, each byte address counted once per launch (DRAM traffic if every re-read hit cache)",
-    "kernel_breakdown": "per kernel: launches, MB issued / per-program unique / launch unique",
+    "kernel_dram_bytes": "same loads/stores, DRAM bytes under an LRU model of the L2 (--l2-mib, default 40 MiB as an "
+                         "A100) over 32-byte sectors: each program's distinct sectors applied in launch order, a "
+                         "load miss reads 32 B, a store allocates without a read and dirty sectors write 32 B when "
+                         "evicted or at the launch's end; the cache starts cold at each launch",
+    "kernel_breakdown": "per kernel: launches, MB issued / per-program unique / launch unique / L2 model",
     "traffic_bytes": "kernel_bytes + aten_bytes: everything the implementation moves",
     "traffic_min": "x read once, weights read once, y read-modify-written once, h/gates/outputs written once (fwd); "
                    "dy, x, h, gates, weights read once, dx and weight grads written once (bwd)",
@@ -63,6 +67,7 @@ class Row:
     kernel_bytes: Optional[int] = None
     kernel_program_bytes: Optional[int] = None
     kernel_unique_bytes: Optional[int] = None
+    kernel_dram_bytes: Optional[int] = None
     kernel_breakdown: str = ""
     traffic_bytes: Optional[int] = None
     traffic_min: Optional[int] = None
@@ -96,35 +101,37 @@ def unavailable_reason(implementation: str) -> Optional[str]:
     return None
 
 
-def _instrumented(implementation: str, ops: ins.OpTraffic):
+def _instrumented(implementation: str, ops: ins.OpTraffic, l2_bytes: int):
     """KernelTraffic for triton under the interpreter (where loads/stores are visible), else nothing."""
     if implementation == "triton" and interpreter_enabled():
-        return ins.KernelTraffic(ops)
+        return ins.KernelTraffic(ops, l2_bytes)
     return contextlib.nullcontext()
 
 
 def kernel_breakdown(launches: List[ins.KernelLaunch]) -> str:
-    """'kernel xN: issued/per-program/unique MB' per kernel name, in launch order."""
+    """'kernel xN: issued/per-program/unique/L2-model MB' per kernel name, in launch order."""
+    counts = ("traffic", "program_traffic", "unique_traffic", "dram_traffic")
     totals: Dict[str, List[int]] = {}
     for launch in launches:
-        entry = totals.setdefault(launch.kernel, [0, 0, 0, 0])
+        entry = totals.setdefault(launch.kernel, [0] * (1 + len(counts)))
         entry[0] += 1
-        entry[1] += launch.traffic
-        entry[2] += launch.program_traffic
-        entry[3] += launch.unique_traffic
-    return "; ".join(f"{name} x{n}: {issued / 1e6:.1f}/{program / 1e6:.1f}/{unique / 1e6:.1f} MB"
-                     for name, (n, issued, program, unique) in totals.items())
+        for i, count in enumerate(counts, start=1):
+            entry[i] += getattr(launch, count)
+    return "; ".join(f"{name} x{n}: " + "/".join(f"{b / 1e6:.1f}" for b in counted) + " MB"
+                     for name, (n, *counted) in totals.items())
 
 
-def measure_memory(w: Workload, implementation: str, problem: Problem) -> Dict[str, Row]:
-    """Saved bytes, launches and traffic for forward, backward and both, from one instrumented step."""
+def measure_memory(w: Workload, implementation: str, problem: Problem,
+                   l2_bytes: int = ins.A100_L2_BYTES) -> Dict[str, Row]:
+    """Saved bytes, launches and traffic for forward, backward and both, from one instrumented step
+    (kernel DRAM bytes with an L2 of `l2_bytes`)."""
     forward = forward_fn(implementation)
     counted = {}
     peak = ins.CudaPeakMemory()
     with peak:
         for phase in ("forward", "backward"):
             ops = ins.OpTraffic()
-            kernels = _instrumented(implementation, ops)
+            kernels = _instrumented(implementation, ops, l2_bytes)
             saved = ins.SavedBytes(exclude=problem.weights)
             if phase == "forward":
                 with saved, ops, kernels:
@@ -150,6 +157,7 @@ def measure_memory(w: Workload, implementation: str, problem: Problem) -> Dict[s
             row.kernel_bytes = sum(k.total("traffic") for k in kernel_counters)
             row.kernel_program_bytes = sum(k.total("program_traffic") for k in kernel_counters)
             row.kernel_unique_bytes = sum(k.total("unique_traffic") for k in kernel_counters)
+            row.kernel_dram_bytes = sum(k.total("dram_traffic") for k in kernel_counters)
             row.launches = row.kernel_launches + row.aten_ops
             row.traffic_bytes = row.kernel_bytes + row.aten_bytes
             row.kernel_breakdown = kernel_breakdown([launch for k in kernel_counters for launch in k.launches])
@@ -217,8 +225,10 @@ def merge(memory: Dict[str, Row], timing: Dict[str, Row]) -> List[Row]:
     return merged
 
 
-def measure(w: Workload, implementation: str, memory: bool, timing: bool, repeats: int = 3) -> List[Row]:
-    """Rows for forward, backward and both; an implementation that cannot run gives rows saying why."""
+def measure(w: Workload, implementation: str, memory: bool, timing: bool, repeats: int = 3,
+            l2_bytes: int = ins.A100_L2_BYTES) -> List[Row]:
+    """Rows for forward, backward and both; an implementation that cannot run gives rows saying why.
+    `l2_bytes` sizes the L2 model behind the kernels' DRAM bytes."""
     reason = unavailable_reason(implementation)
     if reason is not None:
         rows = [_base_row(w, implementation, phase) for phase in PHASES]
@@ -229,7 +239,7 @@ def measure(w: Workload, implementation: str, memory: bool, timing: bool, repeat
     device = "cuda" if torch.cuda.is_available() and not interpreter_enabled() else "cpu"
     problem = build_problem(w, device=device)
     try:
-        mem = measure_memory(w, implementation, problem) if memory else {}
+        mem = measure_memory(w, implementation, problem, l2_bytes) if memory else {}
         tim = measure_time(w, implementation, problem, repeats) if timing else {}
     except Exception as err:
         # the triton kernels refuse shapes beyond their limits with a ValueError; torch.compile may fail on a

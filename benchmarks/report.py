@@ -22,6 +22,8 @@ DERIVED_SOURCES = {
     "traffic_vs_naive": "traffic_bytes of the naive loop (reference) / traffic_bytes",
     "program_ratio": "(kernel_program_bytes + aten_bytes) / traffic_min",
     "unique_ratio": "(kernel_unique_bytes + aten_bytes) / traffic_min",
+    "dram_ratio": "(kernel_dram_bytes + aten_bytes) / traffic_min: kernel bytes under the L2 model (LRU, 32-byte "
+                  "sectors, --l2-mib) plus the aten operators' bytes, over the minimum",
     "speedup": "cpu_s (or gpu_s) of the naive loop (reference) / this implementation's",
 }
 
@@ -45,7 +47,8 @@ def derive(rows: List[Dict[str, object]]) -> List[Dict[str, object]]:
         r["saved_vs_naive"] = _ratio(ref.get("saved_bytes"), r["saved_bytes"])
         r["traffic_ratio"] = _ratio(r["traffic_bytes"], r["traffic_min"])
         r["traffic_vs_naive"] = _ratio(ref.get("traffic_bytes"), r["traffic_bytes"])
-        for counted, ratio in (("kernel_program_bytes", "program_ratio"), ("kernel_unique_bytes", "unique_ratio")):
+        for counted, ratio in (("kernel_program_bytes", "program_ratio"), ("kernel_unique_bytes", "unique_ratio"),
+                               ("kernel_dram_bytes", "dram_ratio")):  # results.json files older than a count lack it
             r[ratio] = None if r.get(counted) is None else _ratio(r[counted] + r["aten_bytes"], r["traffic_min"])
         r["speedup"] = _ratio(ref.get(time_key), r[time_key])
     return rows
@@ -73,9 +76,10 @@ def write_csv(rows: Sequence[Dict[str, object]], path: str) -> None:
         writer.writerows(rows)
 
 
-def write_json(rows: Sequence[Dict[str, object]], path: str, suite: str) -> None:
-    payload = {"suite": suite, "machine": machine_info(), "metrics": {**METRIC_SOURCES, **DERIVED_SOURCES},
-               "rows": list(rows)}
+def write_json(rows: Sequence[Dict[str, object]], path: str, suite: str, settings: Dict[str, object]) -> None:
+    """results.json: the suite, the machine, the run's settings (e.g. the L2 model's size), metric sources, rows."""
+    payload = {"suite": suite, "machine": machine_info(), "settings": settings,
+               "metrics": {**METRIC_SOURCES, **DERIVED_SOURCES}, "rows": list(rows)}
     with open(path, "w", encoding="utf-8") as f:
         json.dump(payload, f, indent=1)
 
@@ -104,7 +108,7 @@ MEMORY_COLUMNS = [
     ("saved MB", "saved_bytes", _mb), ("saved/min", "saved_ratio", _x), ("naive/saved", "saved_vs_naive", _x),
     ("launches", "launches", _plain), ("kernels", "kernel_launches", _plain),
     ("traffic MB", "traffic_bytes", _mb), ("min MB", "traffic_min", _mb), ("traffic/min", "traffic_ratio", _x),
-    ("per-program/min", "program_ratio", _x), ("unique/min", "unique_ratio", _x),
+    ("per-program/min", "program_ratio", _x), ("unique/min", "unique_ratio", _x), ("L2-model/min", "dram_ratio", _x),
     ("naive/traffic", "traffic_vs_naive", _x),
     ("note", "note", _plain),
 ]

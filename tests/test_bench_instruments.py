@@ -2,17 +2,19 @@
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 import triton
 import triton.language as tl
 
 from benchmarks import cli, suites
-from benchmarks.instruments import KernelTraffic, OpTraffic, SavedBytes, cpu_wall_time, tensor_bytes
+from benchmarks.instruments import KernelTraffic, L2Model, OpTraffic, SavedBytes, cpu_wall_time, tensor_bytes
 from benchmarks.suites import Case
 from benchmarks.workloads import PAPER, ModelShape, Setting, Workload, minimum_saved_bytes, minimum_traffic_bytes
 
 F32 = 4
+SECTOR = 32  # bytes of an L2 sector
 
 
 # ---------------------------------------------------------------- saved-for-backward bytes
@@ -140,6 +142,92 @@ def test_kernel_traffic_counts_rereads_as_issued_not_unique_and_atomics_both_way
     assert ops.ops == 0  # the interpreter's argument copies are not the program's operators
 
 
+# ---------------------------------------------------------------- DRAM bytes under the L2 model
+
+
+def _sector_aligned(*tensors):
+    # the hand counts below assume each tensor starts a sector (torch's CPU allocator aligns to 64 bytes)
+    assert all(t.data_ptr() % SECTOR == 0 for t in tensors)
+
+
+def test_l2_model_refreshes_hits_allocates_stores_and_writes_dirty_sectors_back():
+    l2 = L2Model(capacity=2 * SECTOR)
+    nothing = np.empty(0, dtype=np.uint64)
+    sector = [np.array([i * SECTOR], dtype=np.uint64) for i in range(5)]
+    l2.run_program(nothing, sector[0])  # store: allocated dirty, nothing read   -> [0*]
+    l2.run_program(sector[1], nothing)  # miss: read                              -> [0*, 1]
+    l2.run_program(sector[0], nothing)  # hit on the stored sector: refreshed     -> [1, 0*]
+    l2.run_program(sector[2], nothing)  # miss: evicts 1, the LRU, clean          -> [0*, 2]
+    assert (l2.dram_loaded, l2.dram_stored) == (2 * SECTOR, 0)
+    l2.run_program(sector[3], nothing)  # miss: evicts 0, dirty: written back     -> [2, 3]
+    assert (l2.dram_loaded, l2.dram_stored) == (3 * SECTOR, SECTOR)
+    l2.run_program(sector[4], sector[4])  # loaded and stored in one program: a read now, a write at the end
+    l2.flush()
+    assert (l2.dram_loaded, l2.dram_stored) == (4 * SECTOR, 2 * SECTOR)
+
+
+@pytest.mark.parametrize("n, block", [(1024, 128), (64, 4)])  # sector-sized blocks, and 2 programs per sector
+def test_l2_model_reads_and_writes_each_sector_of_a_copy_once(n, block):
+    src, dst = torch.randn(n), torch.empty(n)
+    _sector_aligned(src, dst)
+    with KernelTraffic() as kt:
+        _copy_kernel[(n // block,)](src, dst, n, BLOCK=block)
+    (launch,) = kt.launches
+    # n fp32 = n * 4 / 32 whole sectors, each read once and, stored by one or two programs, written back once
+    assert (launch.dram_loaded, launch.dram_stored, launch.dram_traffic) == (n * F32, n * F32, 2 * n * F32)
+
+
+def test_l2_model_counts_a_masked_partial_sector_whole():
+    n = 1001  # 4004 bytes: 125 whole sectors and 4 bytes of a 126th
+    src, dst = torch.randn(n), torch.empty(n)
+    _sector_aligned(src, dst)
+    with KernelTraffic() as kt:
+        _copy_kernel[(triton.cdiv(n, 128),)](src, dst, n, BLOCK=128)
+    (launch,) = kt.launches
+    assert (launch.loaded, launch.stored) == (n * F32, n * F32)
+    assert (launch.dram_loaded, launch.dram_stored) == (126 * SECTOR, 126 * SECTOR)
+
+
+def test_l2_model_reads_a_weight_every_program_rereads_once_and_writes_atomics_back_once():
+    n, block, programs = 256, 64, 4
+    x, w, y = torch.randn(n), torch.randn(block), torch.zeros(block)
+    _sector_aligned(x, w, y)
+    with KernelTraffic() as kt:
+        _reread_add_kernel[(programs,)](x, w, y, n, BLOCK=block)
+    (launch,) = kt.launches
+    # x streamed once, w read by the first program and hit by the other three; y atomically added by all four:
+    # read by the first, then resident and dirty, written back once when the launch ends
+    assert launch.dram_loaded == n * F32 + block * F32 + block * F32
+    assert launch.dram_stored == block * F32
+    assert launch.program_loaded == n * F32 + programs * 2 * block * F32  # what per-program counting says
+
+
+@triton.jit
+def _weight_then_stream_kernel(x, w, y, W: tl.constexpr, BLOCK: tl.constexpr):
+    # every program reads all of w and its own block of x, and writes its block of y = x + sum(w)
+    block = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    total = tl.sum(tl.load(w + tl.arange(0, W)), axis=0)
+    tl.store(y + block, tl.load(x + block) + total)
+
+
+@pytest.mark.parametrize("l2_bytes, weight_reads", [
+    (40 * 2**20, 1),  # the A100's L2: w stays resident
+    (24 * SECTOR, 1),  # exactly one program's w + x block + y block: LRU keeps w, the refreshed one, in every program
+    (4 * SECTOR, 4),  # smaller than w, and each program's x and y blocks stream past: w is evicted every program
+])
+def test_l2_model_evicts_a_reread_weight_only_when_the_cache_cannot_hold_it(l2_bytes, weight_reads):
+    W = BLOCK = 64  # 8 sectors each of w, of an x block and of a y block
+    programs = 4
+    x, w, y = torch.randn(programs * BLOCK), torch.randn(W), torch.empty(programs * BLOCK)
+    _sector_aligned(x, w, y)
+    with KernelTraffic(l2_bytes=l2_bytes) as kt:
+        _weight_then_stream_kernel[(programs,)](x, w, y, W=W, BLOCK=BLOCK)
+    torch.testing.assert_close(y, x + w.sum())
+    (launch,) = kt.launches
+    assert launch.dram_loaded == weight_reads * W * F32 + programs * BLOCK * F32
+    assert launch.dram_stored == programs * BLOCK * F32  # each y sector written back once, evicted or flushed
+
+
 # ---------------------------------------------------------------- minimum bytes, by hand
 
 TINY = ModelShape("tiny", hidden=8, intermediate=16, kv_out=4)
@@ -198,6 +286,7 @@ def test_hmora_bench_writes_table_csv_json_and_plots(tmp_path, monkeypatch, caps
     assert cli.main(["--suite", "tiny", "--out", str(tmp_path), "--repeats", "1"]) == 0
     payload = json.loads((tmp_path / "results.json").read_text())
     assert payload["machine"]["torch"] == torch.__version__ and payload["machine"]["date_utc"]
+    assert payload["settings"] == {"l2_mib": 40}
     rows = payload["rows"]
     assert len(rows) == 3 * (3 + 2 + 2)  # forward, backward, both per implementation per case
     reference = [r for r in rows if r["implementation"] == "reference" and r["section"] == "paper"]
@@ -210,3 +299,21 @@ def test_hmora_bench_writes_table_csv_json_and_plots(tmp_path, monkeypatch, caps
                      "--markdown"]) == 0
     printed = capsys.readouterr().out
     assert printed.count("| tiny | layer | 16 |") == 9 and (tmp_path / "again" / "scaling_vs_tokens.png").exists()
+    l2_model_cells = _column(printed, "L2-model/min", "triton")
+    assert len(l2_model_cells) == 3 and all(l2_model_cells) and not any(_column(printed, "L2-model/min", "torch"))
+    # a results.json written before the L2 model existed still renders, with that column blank
+    for row in payload["rows"]:
+        del row["kernel_dram_bytes"], row["dram_ratio"]
+    (tmp_path / "old.json").write_text(json.dumps(payload))
+    assert cli.main(["--from-json", str(tmp_path / "old.json"), "--out", str(tmp_path / "old"), "--markdown",
+                     "--no-plots"]) == 0
+    old_cells = _column(capsys.readouterr().out, "L2-model/min", "triton")
+    assert len(old_cells) == 3 and not any(old_cells)
+
+
+def _column(markdown: str, head: str, implementation: str):
+    """The cells under `head` of the Markdown table rows of one implementation."""
+    lines = [[cell.strip() for cell in line.strip("|").split("|")] for line in markdown.splitlines()
+             if line.startswith("| ")]
+    heads = next(cells for cells in lines if head in cells)
+    return [cells[heads.index(head)] for cells in lines if cells[heads.index("impl")] == implementation]

@@ -116,7 +116,7 @@ class OpTraffic(TorchDispatchMode):
 # ---------------------------------------------------------------- kernel traffic (Triton interpreter)
 
 
-# The A100's L2 (40 MiB): the GPU the issue's DRAM-traffic target is stated for.
+# The A100's L2 (40 MiB): the smaller of the two targets the kernels are compiled for (sm_80; the H100 has 50 MiB).
 A100_L2_BYTES = 40 * 2**20
 # NVIDIA L2 moves data to and from DRAM in 32-byte sectors.
 SECTOR_BYTES = 32

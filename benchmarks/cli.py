@@ -69,7 +69,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     if args.from_json:
         with open(args.from_json, encoding="utf-8") as f:
-            rows = json.load(f)["rows"]
+            rows = report.derive(json.load(f)["rows"])  # afresh: derived columns newer than the file
     elif args.suite not in SUITES:
         print(f"hmora-bench: --suite expected one of {sorted(SUITES)}, got {args.suite!r}", file=sys.stderr)
         return 2

@@ -24,6 +24,7 @@ DERIVED_SOURCES = {
     "unique_ratio": "(kernel_unique_bytes + aten_bytes) / traffic_min",
     "dram_ratio": "(kernel_dram_bytes + aten_bytes) / traffic_min: kernel bytes under the L2 model (LRU, 32-byte "
                   "sectors, --l2-mib) plus the aten operators' bytes, over the minimum",
+    "dram_traffic_bytes": "kernel_dram_bytes + aten_bytes: the triton path's traffic under the L2 model",
     "speedup": "cpu_s (or gpu_s) of the naive loop (reference) / this implementation's",
 }
 
@@ -50,6 +51,8 @@ def derive(rows: List[Dict[str, object]]) -> List[Dict[str, object]]:
         for counted, ratio in (("kernel_program_bytes", "program_ratio"), ("kernel_unique_bytes", "unique_ratio"),
                                ("kernel_dram_bytes", "dram_ratio")):  # results.json files older than a count lack it
             r[ratio] = None if r.get(counted) is None else _ratio(r[counted] + r["aten_bytes"], r["traffic_min"])
+        dram = r.get("kernel_dram_bytes")
+        r["dram_traffic_bytes"] = None if dram is None else dram + r["aten_bytes"]
         r["speedup"] = _ratio(ref.get(time_key), r[time_key])
     return rows
 
@@ -167,6 +170,9 @@ def linear_fit_label(xs: Sequence[float], ys: Sequence[float]) -> str:
     return f"{slope:,.0f} B/token {intercept / 1e6:+.2f} MB, fit within {100 * worst:.1f}%"
 
 
+_SERIES_NAMES = {("triton", "traffic_bytes"): "triton, as issued", ("triton", "dram_traffic_bytes"): "triton, L2 model"}
+
+
 def plot_scaling(rows: List[Dict[str, object]], path: str) -> Optional[str]:
     """Saved bytes (forward) and traffic (forward + backward) vs T, per implementation, with the minimum."""
     import matplotlib
@@ -184,10 +190,14 @@ def plot_scaling(rows: List[Dict[str, object]], path: str) -> Optional[str]:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     drawn = False
     for ax, (title, key, min_key, phase) in zip(axes, panels):
-        for impl in ("reference", "torch", "triton"):
-            xs, ys = _series(rows, "tokens", key, implementation=impl, phase=phase, **base)
+        series = [(impl, key) for impl in ("reference", "torch", "triton")]
+        if key == "traffic_bytes":  # the fused path's traffic as issued and under the L2 model
+            series.append(("triton", "dram_traffic_bytes"))
+        for impl, y_key in series:
+            xs, ys = _series(rows, "tokens", y_key, implementation=impl, phase=phase, **base)
             if xs:
-                ax.plot(xs, [y / 1e6 for y in ys], marker="o", label=f"{impl}: {linear_fit_label(xs, ys)}")
+                name = _SERIES_NAMES.get((impl, y_key), impl)
+                ax.plot(xs, [y / 1e6 for y in ys], marker="o", label=f"{name}: {linear_fit_label(xs, ys)}")
                 drawn = True
         xs, ys = _series(rows, "tokens", min_key, implementation="torch", phase=phase, **base)
         if xs:

@@ -89,7 +89,8 @@ def mix_probs(p_tok, rows, cols, valid, E, seq_len, task_ptr, alpha_ptr, KIND: t
         else:
             a = tl.sigmoid(tl.load(alpha_ptr).to(tl.float32))
             p = (1.0 - a) * p_tok + a * p_task
-    return p_task, a, p
+    # past the last token or expert any positive p will do (nothing there is stored): no 0/0 in the renorm
+    return p_task, a, tl.where(valid, p, 1.0)
 
 
 @triton.jit

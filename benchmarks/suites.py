@@ -8,6 +8,7 @@ paper    the issue's acceptance point: the same at T 4096 (seconds on a GPU; hou
 paper-cpu  the acceptance point as the interpreter counts it here (about an hour): the routed group and the
          decoder layer at T 4096, at dropout 0 (the fused kernels' bytes do not depend on dropout: their masks
          are regenerated in registers; the default suite shows both).
+scaling-cpu  the routed group at T 256 .. 4096 (octaves), dropout 0: the linear-in-T plot up to the acceptance point.
 llama-cpu  LLaMA-3-8B shapes, routed group at T 256 and decoder layer at T 64 (minutes).
 full     paper + LLaMA-3-8B shapes, T up to 16k (torch paths; triton to 4096), E 2..64 x r 4..64,
          Hydra on/off, soft/top-2, torch.compile.
@@ -39,8 +40,8 @@ def _paper_point(tokens: int, scopes: Sequence[str] = ("group", "layer"), model=
             for scope in scopes]
 
 
-def _scaling(tokens: Sequence[int], impls: Tuple[str, ...] = MEMORY_IMPLS) -> List[Case]:
-    return [Case("scaling", Workload(QWEN2_1_5B, PAPER, t, "group"), impls, memory=True, timing=False)
+def _scaling(tokens: Sequence[int], impls: Tuple[str, ...] = MEMORY_IMPLS, setting: Setting = PAPER) -> List[Case]:
+    return [Case("scaling", Workload(QWEN2_1_5B, setting, t, "group"), impls, memory=True, timing=False)
             for t in tokens]
 
 
@@ -68,6 +69,8 @@ def _suites() -> Dict[str, List[Case]]:
     ]
     return {
         "paper-cpu": paper_cpu,
+        # the q/k/v group over four octaves of T up to the acceptance point, dropout 0 as paper-cpu (about 25 min)
+        "scaling-cpu": _scaling([256, 512, 1024, 2048, 4096], setting=no_dropout),
         # LLaMA-3-8B shapes at interpreter-sized T, paper setting with dropout 0.1
         "llama-cpu": _paper_point(256, ("group",), model=LLAMA3_8B) + _paper_point(64, ("layer",), model=LLAMA3_8B),
         "quick": _paper_point(64, ("group",)) + _scaling([32]) + _speedup(64, [(2, 4), (8, 8)], [PAPER], timed),

@@ -110,7 +110,8 @@ class GroupPlan:
 
     @property
     def wide(self) -> bool:
-        """The register-heavy tier: the members' rank accumulators together exceed 128 fp32 columns, or E*r > 64."""
+        """The register-heavy tier: the members' rank accumulators together exceed 128 fp32 columns, or the
+        gate-scaled operand (E*r padded, KE_SLOTS) exceeds 64."""
         return self.M * self.R_PAD > 128 or self.KE_SLOTS > 64
 
     def tiles(self, kernel: str) -> Blocks:

@@ -106,8 +106,8 @@ def _plain(v) -> str:
 
 
 MEMORY_COLUMNS = [
-    ("model", "model", _plain), ("scope", "scope", _plain), ("T", "tokens", _plain),
-    ("impl", "implementation", _plain), ("phase", "phase", _plain),
+    ("model", "model", _plain), ("scope", "scope", _plain), ("T", "tokens", _plain), ("hydra", "hydra", _plain),
+    ("routing", "routing", _plain), ("impl", "implementation", _plain), ("phase", "phase", _plain),
     ("saved MB", "saved_bytes", _mb), ("saved/min", "saved_ratio", _x), ("naive/saved", "saved_vs_naive", _x),
     ("launches", "launches", _plain), ("kernels", "kernel_launches", _plain),
     ("traffic MB", "traffic_bytes", _mb), ("min MB", "traffic_min", _mb), ("traffic/min", "traffic_ratio", _x),
@@ -139,7 +139,7 @@ def format_table(rows: Iterable[Dict[str, object]], columns, markdown: bool = Fa
 
 def tables(rows: List[Dict[str, object]], markdown: bool = False) -> str:
     """One table of memory/traffic/launch rows and one of time rows."""
-    memory = [r for r in rows if r["section"] in ("paper", "scaling")]
+    memory = [r for r in rows if r["section"] in ("paper", "scaling", "variants")]
     timing = [r for r in rows if r["section"] == "speedup"]
     out = []
     if memory:

@@ -9,6 +9,7 @@ paper-cpu  the acceptance point as the interpreter counts it here (about an hour
          decoder layer at T 4096, at dropout 0 (the fused kernels' bytes do not depend on dropout: their masks
          are regenerated in registers; the default suite shows both).
 scaling-cpu  the routed group at T 256 .. 4096 (octaves), dropout 0: the linear-in-T plot up to the acceptance point.
+variants-cpu  the routed group at T 1024, dropout 0, Hydra or per-expert A x top-2 or soft routing.
 llama-cpu  LLaMA-3-8B shapes, routed group at T 256 and decoder layer at T 64 (minutes).
 full     paper + LLaMA-3-8B shapes, T up to 16k (torch paths; triton to 4096), E 2..64 x r 4..64,
          Hydra on/off, soft/top-2, torch.compile.
@@ -69,8 +70,11 @@ def _suites() -> Dict[str, List[Case]]:
     ]
     return {
         "paper-cpu": paper_cpu,
-        # the q/k/v group over four octaves of T up to the acceptance point, dropout 0 as paper-cpu (about 25 min)
+        # the q/k/v group over four octaves of T up to the acceptance point, dropout 0 as paper-cpu (10 min)
         "scaling-cpu": _scaling([256, 512, 1024, 2048, 4096], setting=no_dropout),
+        # the routing variants' bytes: Hydra or per-expert A, top-2 or soft, the group at T 1024 (15 min)
+        "variants-cpu": [Case("variants", Workload(QWEN2_1_5B, replace(v, dropout_p=0.0), 1024, "group"),
+                              MEMORY_IMPLS, memory=True, timing=False) for v in variants],
         # LLaMA-3-8B shapes at interpreter-sized T, paper setting with dropout 0.1
         "llama-cpu": _paper_point(256, ("group",), model=LLAMA3_8B) + _paper_point(64, ("layer",), model=LLAMA3_8B),
         "quick": _paper_point(64, ("group",)) + _scaling([32]) + _speedup(64, [(2, 4), (8, 8)], [PAPER], timed),

@@ -72,7 +72,7 @@ def _suites() -> Dict[str, List[Case]]:
         "paper-cpu": paper_cpu,
         # the q/k/v group over four octaves of T up to the acceptance point, dropout 0 as paper-cpu (10 min)
         "scaling-cpu": _scaling([256, 512, 1024, 2048, 4096], setting=no_dropout),
-        # the routing variants' bytes: Hydra or per-expert A, top-2 or soft, the group at T 1024 (15 min)
+        # the routing variants' bytes: Hydra or per-expert A, top-2 or soft, the group at T 1024 (8 min)
         "variants-cpu": [Case("variants", Workload(QWEN2_1_5B, replace(v, dropout_p=0.0), 1024, "group"),
                               MEMORY_IMPLS, memory=True, timing=False) for v in variants],
         # LLaMA-3-8B shapes at interpreter-sized T, paper setting with dropout 0.1

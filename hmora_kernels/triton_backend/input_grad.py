@@ -28,7 +28,7 @@ def _sum_rows(src_ptr, t_begin, t_end, width, BM: tl.constexpr, W_PAD: tl.conste
     return total
 
 
-@triton.jit(noinline=True)  # its own function: the sums would otherwise add to the main loop's register pressure
+@triton.jit
 def routing_sums(dlogits_ptr, dtask_tok_ptr, dalpha_tok_ptr, dbias_ptr, dtask_ptr, dalpha_ptr, T, E, seq_len,
                  num_sequences, BM: tl.constexpr, E_PAD: tl.constexpr, SUM_BIAS: tl.constexpr,
                  SUM_TASK: tl.constexpr, SUM_ALPHA: tl.constexpr):

@@ -31,6 +31,7 @@ class HMoRAOutput(ModelOutput):
     aux_loss: unweighted sum of the token-router losses (GJS or load balancing), each shared router once.
     router_probs / router_gates: owner module name -> p_tok / final gates (B, S, E), token-routed layers;
     router_gates also for task-only layers. task_probs: owner module name -> (B, E) for task routers.
+    The base model's other outputs (its cache, hidden states, attentions) follow under its own names.
     """
 
     loss: Optional[torch.Tensor] = None
@@ -41,9 +42,17 @@ class HMoRAOutput(ModelOutput):
     router_probs: Optional[Dict[str, torch.Tensor]] = None
     router_gates: Optional[Dict[str, torch.Tensor]] = None
     task_probs: Optional[Dict[str, torch.Tensor]] = None
-    past_key_values: Optional[object] = None
-    hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
-    attentions: Optional[Tuple[torch.Tensor, ...]] = None
+
+    @classmethod
+    def extending(cls, base_output, **fields) -> "HMoRAOutput":
+        """Our fields, plus every other entry of the base model's output (its cache, hidden states, ...) under the
+        name the installed transformers gives it. Those entries are set as items, never passed to __init__, so a
+        library that renames its own fields (5.24: `past_key_values` -> `cache`) cannot break the constructor."""
+        output = cls(**fields)
+        for key, value in base_output.items():
+            if key not in fields:
+                output[key] = value
+        return output
 
 
 def prompt_part(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], labels: Optional[torch.Tensor]):
@@ -304,11 +313,9 @@ class HMoRAModel(nn.Module):
             ce_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                                       ignore_index=IGNORE_INDEX, label_smoothing=config.label_smoothing)
             loss = config.lambda_lm * ce_loss + config.lambda_auxiliary * aux_loss
-        return HMoRAOutput(
-            loss=loss, logits=out.logits, ce_loss=ce_loss, aux_loss=aux_loss, task_repr=task_repr,
+        return HMoRAOutput.extending(
+            out, loss=loss, logits=out.logits, ce_loss=ce_loss, aux_loss=aux_loss, task_repr=task_repr,
             router_probs=router_probs, router_gates=router_gates, task_probs=task_probs,
-            past_key_values=getattr(out, "past_key_values", None), hidden_states=getattr(out, "hidden_states", None),
-            attentions=getattr(out, "attentions", None),
         )
 
     @torch.no_grad()

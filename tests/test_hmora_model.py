@@ -283,3 +283,26 @@ def test_triton_backend_in_the_model_matches_the_torch_backend():
         diff = (results["triton"][name] - grad).abs().max().item()
         # fp32 sums in another order, amplified through 3 layers: reference vs torch differ by up to 2e-4 here
         assert diff <= 1e-3 * grad.abs().max().item() + 1e-6, name
+
+
+def test_forward_survives_a_transformers_that_renames_output_fields(monkeypatch):
+    """transformers 5.24 made every ModelOutput.__init__ rename `past_key_values=` to `cache=`; a release may rename
+    any field. Our output must never pass the library's field names through its own constructor: simulate a
+    renaming __init__ (both directions) and check the forward still returns the base model's cache, under the
+    name the base model gave it."""
+    from hmora.model import HMoRAOutput
+
+    renames = {"past_key_values": "cache", "cache": "past_key_values", "hidden_states": "states"}
+    original = HMoRAOutput.__init__
+
+    def renaming_init(self, *args, **kwargs):
+        original(self, *args, **{renames.get(k, k): v for k, v in kwargs.items()})
+
+    monkeypatch.setattr(HMoRAOutput, "__init__", renaming_init)
+    model = tiny_model("qwen2").eval()
+    ids, mask, labels = batch()
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=True, output_hidden_states=True)
+    cache_names = {"cache", "past_key_values"} & set(out.keys())
+    assert len(cache_names) == 1 and out[cache_names.pop()] is not None
+    assert len(out.hidden_states) == model.config.num_hidden_layers + 1
+    assert torch.isfinite(out.loss) and out.logits.shape == (2, 8, VOCAB)

@@ -87,11 +87,8 @@ def make_problem(case: GroupCase, seed: int = 0) -> GroupProblem:
     return problem
 
 
-def run_group(case: GroupCase, problem: GroupProblem, backend: str, *, as_float64: bool = False, seed: int = 7):
-    """Forward and backward of one backend; returns ({name: value}, {name: grad}) detached.
-
-    as_float64 runs on float64 copies of the same inputs: that is how the reference gives the exact answer.
-    """
+def _forward(case: GroupCase, problem: GroupProblem, backend: str, as_float64: bool, seed: int):
+    """(leaves that require grad, GroupOutput) of one backend's forward on the problem."""
     def prep(t):
         if t is None:
             return None
@@ -109,12 +106,25 @@ def run_group(case: GroupCase, problem: GroupProblem, backend: str, *, as_float6
         task_probs=leaves.get("task_probs"), alpha=leaves.get("alpha"), kind=case.kind, top_k=case.top_k,
         renorm=case.renorm, dropout_p=case.dropout_p, seed=seed, bases=bases, backend=backend,
     )
-    w = problem.grad_weights
-    loss = sum((y.double() * wy).sum() for y, wy in zip(out.outputs, w["outputs"]))
-    loss = loss + (out.gates.double() * w["gates"]).sum()
+    return leaves, out
+
+
+def _token_losses(out, grad_weights: dict) -> torch.Tensor:
+    """(T,) float64: each token's share of the scalar loss (every output, gate and p_tok is per token)."""
+    per_token = sum((y.double() * wy).sum(-1) for y, wy in zip(out.outputs, grad_weights["outputs"]))
+    per_token = per_token + (out.gates.double() * grad_weights["gates"]).sum(-1)
     if out.p_tok is not None:
-        loss = loss + (out.p_tok.double() * w["p_tok"]).sum()
-    loss.backward()
+        per_token = per_token + (out.p_tok.double() * grad_weights["p_tok"]).sum(-1)
+    return per_token
+
+
+def run_group(case: GroupCase, problem: GroupProblem, backend: str, *, as_float64: bool = False, seed: int = 7):
+    """Forward and backward of one backend; returns ({name: value}, {name: grad}) detached.
+
+    as_float64 runs on float64 copies of the same inputs: that is how the reference gives the exact answer.
+    """
+    leaves, out = _forward(case, problem, backend, as_float64, seed)
+    _token_losses(out, problem.grad_weights).sum().backward()
     values = {f"y{m}": y.detach() for m, y in enumerate(out.outputs)}
     values["gates"] = out.gates.detach()
     if out.p_tok is not None:
@@ -122,6 +132,18 @@ def run_group(case: GroupCase, problem: GroupProblem, backend: str, *, as_float6
         values["logits"] = out.logits.detach()
     grads = {k: v.grad for k, v in leaves.items()}
     return values, grads
+
+
+def gradient_summand_scales(case: GroupCase, problem: GroupProblem, seed: int = 7) -> dict:
+    """{leaf: sum_t |d loss_t / d leaf|}, in float64 on the reference: the scale of the terms that each gradient
+    sums over tokens (see tests/tolerances.py). One batched backward over the T per-token losses."""
+    leaves, out = _forward(case, problem, "reference", True, seed)
+    per_token = _token_losses(out, problem.grad_weights)
+    names = list(leaves)
+    jacobians = torch.autograd.grad(per_token, [leaves[k] for k in names],
+                                    grad_outputs=torch.eye(case.T, dtype=torch.float64), is_grads_batched=True,
+                                    allow_unused=True, materialize_grads=True)
+    return {name: jac.abs().sum(0) for name, jac in zip(names, jacobians)}
 
 
 def check_lora_against_reference(backend: str, dtype: torch.dtype, T: int, d_in: int, d_out: int, r: int) -> None:

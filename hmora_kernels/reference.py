@@ -51,12 +51,24 @@ def route(logits, *, task_probs=None, alpha=None, kind="token", top_k=None, reno
     return p_tok, _gates(p, top_k, renorm)
 
 
+def top_k_order(row, k):
+    """The k experts the selection rule picks from one token's probabilities: p descending, NaN above every
+    number, equal values (NaN and NaN too) in order of expert index; the first k."""
+    values = row.tolist()
+
+    def rank(i):
+        return (0, 0.0, i) if math.isnan(values[i]) else (1, -values[i], i)
+
+    return sorted(range(len(values)), key=rank)[:k]
+
+
 def _gates(p, top_k, renorm):
     if top_k is None:
         return p
     gates = torch.zeros_like(p)
     for t in range(p.shape[0]):  # per token: pick k experts, renormalise only them
-        vals, idx = torch.topk(p[t], top_k)
+        idx = torch.tensor(top_k_order(p[t], top_k), device=p.device)
+        vals = p[t][idx]
         weights = torch.softmax(vals, dim=0) if renorm == "softmax" else vals / vals.sum()
         gates[t] = gates[t].index_put((idx,), weights)
     return gates

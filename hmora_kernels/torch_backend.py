@@ -43,7 +43,10 @@ def route(logits, *, task_probs=None, alpha=None, kind="token", top_k=None, reno
 def _gates(p, top_k, renorm):
     if top_k is None:
         return p
-    vals, idx = torch.topk(p, top_k, dim=-1)
+    # the selection rule of every backend: a stable descending sort puts NaN first and keeps equal values (NaN and
+    # NaN too) in expert order; torch.topk leaves the order of ties unspecified
+    idx = torch.sort(p.detach(), dim=-1, descending=True, stable=True).indices[:, :top_k]
+    vals = p.gather(-1, idx)
     weights = torch.softmax(vals, dim=-1) if renorm == "softmax" else vals / vals.sum(-1, keepdim=True)
     return torch.zeros_like(p).scatter(-1, idx, weights)
 

@@ -1,14 +1,15 @@
 """HMoRAConfig: every option of SPEC.md, named as in the reference implementation's config.json and flags.
 
 The reference's `config.json` loads as it is (`HMoRAConfig.from_dict`). Options of our own:
-`lora_scaling`, `renorm`, `label_smoothing`, `backend`, `num_encoder_heads`, `qkv_modules`, `w_i_modules`.
+`lora_scaling`, `renorm`, `label_smoothing`, `backend`, `num_encoder_heads`, `position_frequencies`, `qkv_modules`,
+`w_i_modules`.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 from typing import Any, Dict, List, Optional
 
 from hmora_kernels import BACKENDS
@@ -30,10 +31,13 @@ FAMILY_FIELDS = ("target_modules", "target_modules_lora", "qkv_modules", "w_i_mo
 
 # Keys of the reference config.json that carry no information for us: `peft_type` is always "hmora",
 # `torch_dtype` is saved as null, and the reference code ignores `use_rs_scaling` (it always uses
-# alpha / sqrt(r), our default `lora_scaling="rslora"`).
+# alpha / sqrt(r), our default `lora_scaling="rslora"`). Their presence marks a reference config.json, whose
+# null `target_modules_lora` means no plain-LoRA module (ours: the family default).
 REFERENCE_ONLY_KEYS = ("peft_type", "torch_dtype", "use_rs_scaling")
+_ABSENT = object()
 
 LORA_SCALINGS = ("rslora", "standard")
+POSITION_FREQUENCIES = ("reference", "correctly_rounded")
 RENORMS = ("softmax", "sum")
 
 
@@ -83,6 +87,7 @@ class HMoRAConfig:
     trainable_encoder: bool = True
     num_encoder_layer: int = 1
     num_encoder_heads: int = 16           # ours: the reference hard-codes 16
+    position_frequencies: str = "reference"  # ours: task-encoder sinusoid frequencies, or "correctly_rounded"
     task_token: str = "?"
     task_token_id: Optional[int] = None   # None: the task token starts as the mean embedding row
     padding_side: str = "left"
@@ -91,8 +96,18 @@ class HMoRAConfig:
     qkv_modules: Optional[List[str]] = None
     w_i_modules: Optional[List[str]] = None
     backend: str = "auto"
+    # the reference config.json's own keys: accepted only to say how to load such a file
+    peft_type: InitVar[Any] = _ABSENT
+    torch_dtype: InitVar[Any] = _ABSENT
+    use_rs_scaling: InitVar[Any] = _ABSENT
 
-    def __post_init__(self):
+    def __post_init__(self, peft_type, torch_dtype, use_rs_scaling):
+        given = [k for k, v in zip(REFERENCE_ONLY_KEYS, (peft_type, torch_dtype, use_rs_scaling)) if v is not _ABSENT]
+        if given:
+            raise ValueError(
+                f"HMoRAConfig got {given}, keys of the reference implementation's config.json; load that file with "
+                f"HMoRAConfig.from_json_file(path) or HMoRAConfig.from_dict(values), which drop them and read its "
+                f"null target_modules_lora as none")
         self.validate()
 
     # ---- validation -------------------------------------------------------------------------------------
@@ -116,7 +131,9 @@ class HMoRAConfig:
             fail("dropout", "a probability in [0, 1)")
         if not 0.0 <= self.label_smoothing < 1.0:
             fail("label_smoothing", "a value in [0, 1)")
-        if self.top_k_routing_strategy and not (isinstance(self.top_k, int) and 1 <= self.top_k <= self.num_experts):
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 1:
+            fail("top_k", "an integer >= 1 (load balancing divides by it even under soft routing)")
+        if self.top_k_routing_strategy and self.top_k > self.num_experts:
             fail("top_k", f"an integer in [1, num_experts = {self.num_experts}] with top_k_routing_strategy")
         for name in ("gamma_div_certain_t", "gamma_div_balance_t", "gamma_div_certain_s", "gamma_div_balance_s",
                      "alpha_low_bound", "alpha_up_bound"):
@@ -134,6 +151,8 @@ class HMoRAConfig:
             fail("lora_scaling", f"one of {LORA_SCALINGS}")
         if self.renorm not in RENORMS:
             fail("renorm", f"one of {RENORMS}")
+        if self.position_frequencies not in POSITION_FREQUENCIES:
+            fail("position_frequencies", f"one of {POSITION_FREQUENCIES}")
         if self.backend not in BACKENDS:
             fail("backend", f"one of {BACKENDS}")
         if self.padding_side != "left":
@@ -193,11 +212,16 @@ class HMoRAConfig:
 
     @classmethod
     def from_dict(cls, values: Dict[str, Any]) -> "HMoRAConfig":
+        """Our config dict, or the reference implementation's config.json (marked by its `peft_type`): there a
+        null `target_modules_lora` means none, every target module routed."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known - set(REFERENCE_ONLY_KEYS))
         if unknown:
             raise ValueError(f"HMoRAConfig: unknown keys {unknown}; known keys are {sorted(known)}")
-        return cls(**{k: v for k, v in values.items() if k in known})
+        fields = {k: v for k, v in values.items() if k in known}
+        if "peft_type" in values and fields.get("target_modules_lora", []) is None:
+            fields["target_modules_lora"] = []
+        return cls(**fields)
 
     @classmethod
     def from_json_file(cls, path) -> "HMoRAConfig":

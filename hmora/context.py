@@ -1,19 +1,24 @@
 """The per-forward routing context: what one forward of HMoRAModel hands to the injected layers.
 
-Gates are never cached on modules. The model's forward creates a `ForwardContext` (the task probabilities
-of this batch), installs it in the `RoutingState` shared by all injected layers, and in a `finally` stops
-its recording and drops every group output still waiting for its member. The context stays installed
-until the next forward, so that activation checkpointing, which recomputes layers during backward, routes
-with the same task probabilities; it holds no gates and no layer activations by then. Outside its forward or
-generate it serves task probabilities only to such a recomputation (never to a later direct call of the base
-model). Consequence: with activation checkpointing, backpropagate a forward's loss before the next forward of
-the same model (the order of every training loop).
+Gates are never cached on modules. The model's forward creates a `ForwardContext` (the task representation of
+this batch and, when the task-router loss is taken over other sources, theirs), installs it in the `RoutingState`
+shared by all injected layers, and in a `finally` stops its recording and drops every group output still waiting
+for its member. Each routed group applies its own task router to the task representation inside its layer's
+forward, where FSDP has unsharded the layer's parameters. The context stays installed until the next forward, so
+that activation checkpointing, which recomputes layers during backward, routes with the same task representation; it
+holds no gates and no layer activations by then. Outside its forward or generate it serves the task representation
+only to such a recomputation (never to a later direct call of the base model). Consequence: with activation
+checkpointing, backpropagate a forward's loss before the next forward of the same model (the order of every training
+loop).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+
+# Names of the task representations a context carries: the one routing uses, and the task-router loss's sources.
+ROUTING_TASK, LOSS_TASK = "routing", "loss"
 
 
 def in_backward() -> bool:
@@ -23,30 +28,41 @@ def in_backward() -> bool:
 
 
 class ForwardContext:
-    def __init__(self, task_probs: Optional[Dict[str, torch.Tensor]] = None, record: bool = False,
-                 attention_mask: Optional[torch.Tensor] = None, aux_loss=None):
-        self.task_probs = task_probs or {}
+    """task_reprs: {ROUTING_TASK: (B, d), LOSS_TASK: (N, d)}, each optional. `loss_terms`: name -> function of one
+    router's value giving its term of an auxiliary loss ("token": (p_tok, gates) -> loss with this forward's mask;
+    "task": p_task -> loss), used to recompute the terms under reentrant checkpointing."""
+
+    def __init__(self, task_reprs: Optional[Dict[str, torch.Tensor]] = None, record: bool = False,
+                 attention_mask: Optional[torch.Tensor] = None,
+                 loss_terms: Optional[Dict[str, Callable[..., torch.Tensor]]] = None):
+        self.task_reprs = {k: v for k, v in (task_reprs or {}).items() if v is not None}
         self.active = True  # inside the forward or generate that created it
         self.recording = record
         self.attention_mask = attention_mask
-        self.aux_loss = aux_loss  # (p_tok, gates, mask) -> one router's auxiliary loss, for recomputation
+        self.loss_terms = loss_terms or {}
         # reentrant checkpointing (see hmora.reentrant): set when the layers ran under no_grad in the forward
         self.layers_without_grad = False
         self.task_grads: Dict[str, torch.Tensor] = {}
-        self.aux_grad_scale: Optional[torch.Tensor] = None
+        self.loss_grad_scales: Dict[str, torch.Tensor] = {}
         # group owner name -> (the shared input tensor, {member index: output not yet handed out})
         self.pending: Dict[str, Tuple[torch.Tensor, Dict[int, torch.Tensor]]] = {}
         self.p_tok: Dict[str, torch.Tensor] = {}
         self.gates: Dict[str, torch.Tensor] = {}
+        self.task_probs: Dict[str, torch.Tensor] = {}
+        self.loss_task_probs: Dict[str, torch.Tensor] = {}
 
-    def task_probs_for(self, owner: str, batch: int) -> torch.Tensor:
-        """The (batch, E) task probabilities of router `owner`, repeated per sequence when generation expanded
-        the batch (beams, several returned sequences)."""
-        probs = self.task_probs.get(owner)
-        if probs is None or not (self.active or in_backward()):  # never a previous batch's task weights
+    def task_repr(self, owner: str, which: str = ROUTING_TASK) -> Optional[torch.Tensor]:
+        """The task representation `which` of this forward (None if it has none), for router `owner`."""
+        if not (self.active or in_backward()):  # never a previous batch's task representation
             raise RuntimeError(
                 f"{owner}: task routing needs the task representation of this batch; call the HMoRAModel "
                 f"(forward or generate), not the wrapped base model directly")
+        return self.task_reprs.get(which)
+
+    @staticmethod
+    def per_token_rows(owner: str, probs: torch.Tensor, batch: int) -> torch.Tensor:
+        """(batch, E) task probabilities, repeated per sequence when generation expanded the batch (beams,
+        several returned sequences)."""
         if probs.shape[0] != batch:
             if batch % probs.shape[0]:
                 raise ValueError(
@@ -74,12 +90,15 @@ class ForwardContext:
         """True inside the recomputation of a layer that reentrant checkpointing ran under no_grad."""
         return self.layers_without_grad and not self.recording and torch.is_grad_enabled()
 
-    def record(self, owner: str, p_tok: Optional[torch.Tensor], gates: torch.Tensor) -> None:
+    def record(self, owner: str, p_tok: Optional[torch.Tensor], gates: torch.Tensor,
+               task_probs: Optional[torch.Tensor], loss_task_probs: Optional[torch.Tensor]) -> None:
         if not self.recording:
             return
         self.layers_without_grad |= not torch.is_grad_enabled()
-        if p_tok is not None:
-            self.p_tok[owner] = p_tok
+        for table, value in ((self.p_tok, p_tok), (self.task_probs, task_probs),
+                             (self.loss_task_probs, loss_task_probs)):
+            if value is not None:
+                table[owner] = value
         self.gates[owner] = gates
 
     def finish(self) -> None:
@@ -87,7 +106,7 @@ class ForwardContext:
         (the forward has put them into its output)."""
         self.active = self.recording = False
         self.pending = {}
-        self.p_tok, self.gates = {}, {}
+        self.p_tok, self.gates, self.task_probs, self.loss_task_probs = {}, {}, {}, {}
 
 
 class RoutingState:

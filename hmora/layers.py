@@ -14,8 +14,8 @@ from torch import nn
 import hmora_kernels
 
 from .config import HMoRAConfig
-from .context import RoutingState
-from .reentrant import AuxGradInject, TaskGradSink
+from .context import LOSS_TASK, ROUTING_TASK, ForwardContext, RoutingState
+from .reentrant import inject, sink
 from .routers import Router
 
 
@@ -139,23 +139,41 @@ class RoutedGroup:
         p = owner.active_dropout()
         seed = draw_seed(p)
         recompute = context.reentrant_recompute()
-        task_probs = None
+        task_probs = loss_task_probs = None
         if router.kind != "token":
-            task_probs = context.task_probs_for(self.name, lead[0])
-            if recompute:
-                task_probs = TaskGradSink.apply(task_probs.detach().requires_grad_(), context, self.name)
+            # here, inside the layer's forward, where FSDP has gathered the task router's weights
+            task_probs = self._task_probs(context, ROUTING_TASK, p, recompute)
+            if task_probs is None:
+                raise RuntimeError(f"{self.name}: a {router.kind} router needs the task representation of this "
+                                   f"batch; call the HMoRAModel (forward or generate), not the wrapped base model")
+            loss_task_probs = self._task_probs(context, LOSS_TASK, p, recompute)
         result = hmora_kernels.routed_group(
             flat, [m.lora_A for m in self.members], [m.lora_B for m in self.members], owner.scaling,
-            **router.token_args(flat, p, seed), task_probs=task_probs,
+            **router.token_args(flat, p, seed),
+            task_probs=None if task_probs is None else context.per_token_rows(self.name, task_probs, lead[0]),
             alpha=router.alpha if router.kind == "hybrid" else None, kind=router.kind, top_k=self.top_k,
             renorm=self.renorm, dropout_p=p, seed=seed, bases=bases, backend=owner.backend,
         )
         experts = result.gates.shape[-1]
         p_tok = None if result.p_tok is None else result.p_tok.view(*lead, experts)
         gates = result.gates.view(*lead, experts)
-        context.record(self.name, p_tok, gates)
+        context.record(self.name, p_tok, gates, task_probs, loss_task_probs)
         outputs = [out.view(*lead, -1) for out in result.outputs]
-        if recompute and p_tok is not None:
-            loss = context.aux_loss(p_tok, gates, context.attention_mask)
-            outputs[0] = AuxGradInject.apply(outputs[0], loss, context)
+        if recompute:  # the auxiliary losses' terms of this group, recomputed with gradients (hmora.reentrant)
+            terms = context.loss_terms
+            if p_tok is not None and "token" in terms:
+                outputs[0] = inject(outputs[0], terms["token"](p_tok, gates), context, "token")
+            task_loss_probs = task_probs if loss_task_probs is None else loss_task_probs
+            if task_loss_probs is not None and "task" in terms:
+                outputs[0] = inject(outputs[0], terms["task"](task_loss_probs), context, "task")
         return outputs
+
+    def _task_probs(self, context: ForwardContext, which: str, dropout_p: float, recompute: bool):
+        """This group's task-router probabilities (num_sequences, E) of the context's task representation
+        `which`, or None if the context has none."""
+        task_repr = context.task_repr(self.name, which)
+        if task_repr is None:
+            return None
+        if recompute:
+            task_repr = sink(task_repr, context, which)
+        return self.router.task_probs(task_repr, dropout_p)

@@ -13,7 +13,7 @@ from transformers.utils import ModelOutput
 import hmora_kernels
 
 from .config import HMoRAConfig
-from .context import ForwardContext, RoutingState
+from .context import LOSS_TASK, ROUTING_TASK, ForwardContext, RoutingState
 from .injection import inject
 from .layers import AdapterLinear, ExpertLinear, LoRALinear
 from .reentrant import TaskGradBridge, tap
@@ -26,9 +26,12 @@ B_MATRIX_SUFFIX = "lora_B"
 
 @dataclass
 class HMoRAOutput(ModelOutput):
-    """loss = lambda_lm * ce_loss + lambda_auxiliary * aux_loss (None without labels).
+    """loss = lambda_lm * ce_loss + lambda_auxiliary * (aux_loss + task_aux_loss) (None without labels).
 
     aux_loss: unweighted sum of the token-router losses (GJS or load balancing), each shared router once.
+    task_aux_loss: unweighted sum of the task-router losses (GJS over a batch of task weights), over this batch's
+    sequences or the sources given as `task_loss_input_ids`; None without task routers or with
+    `with_task_loss=False`.
     router_probs / router_gates: owner module name -> p_tok / final gates (B, S, E), token-routed layers;
     router_gates also for task-only layers. task_probs: owner module name -> (B, E) for task routers.
     The base model's other outputs (its cache, hidden states, attentions) follow under its own names.
@@ -38,6 +41,7 @@ class HMoRAOutput(ModelOutput):
     logits: Optional[torch.Tensor] = None
     ce_loss: Optional[torch.Tensor] = None
     aux_loss: Optional[torch.Tensor] = None
+    task_aux_loss: Optional[torch.Tensor] = None
     task_repr: Optional[torch.Tensor] = None
     router_probs: Optional[Dict[str, torch.Tensor]] = None
     router_gates: Optional[Dict[str, torch.Tensor]] = None
@@ -91,7 +95,7 @@ class HMoRAModel(nn.Module):
         if config.use_task_router and any(g.router.kind != "token" for g in self._groups):
             self.task_encoder = TaskEncoder(d, config.num_encoder_heads, config.num_encoder_layer, config.dropout,
                                             self._task_token_init(embeddings, tokenizer),
-                                            device=embeddings.weight.device)
+                                            config.position_frequencies, device=embeddings.weight.device)
             self.task_encoder.requires_grad_(config.trainable_encoder)
 
     def _task_token_init(self, embeddings: nn.Embedding, tokenizer) -> torch.Tensor:
@@ -186,8 +190,13 @@ class HMoRAModel(nn.Module):
         return named
 
     def load_adapter_state_dict(self, state: Dict[str, torch.Tensor], source: str = "the checkpoint") -> None:
-        """Copy adapter tensors in; every name and shape must match (errors name what does not fit)."""
+        """Copy adapter tensors in; every name and shape must match (errors name what does not fit).
+
+        A scalar `router.alpha` (the reference's checkpoints, ours before alpha became 1-D for FSDP2) loads into
+        the (1,) parameter."""
         params = self.adapter_named_parameters()
+        state = {n: t.reshape(1) if t.dim() == 0 and n in params and tuple(params[n].shape) == (1,) else t
+                 for n, t in state.items()}
         missing = sorted(set(params) - set(state))
         unexpected = sorted(set(state) - set(params))
         wrong = [f"{n}: {tuple(state[n].shape)} in {source}, model needs {tuple(params[n].shape)}"
@@ -232,6 +241,7 @@ class HMoRAModel(nn.Module):
         return self.task_encoder(embeds, task_attention_mask)
 
     def task_router_probs(self, task_repr: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Every task router applied to task_repr (B, d) outside a forward (reports; not under FSDP)."""
         if task_repr is None:
             return {}
         p = self.hmora_config.dropout
@@ -239,15 +249,26 @@ class HMoRAModel(nn.Module):
 
     # ---- losses -----------------------------------------------------------------------------------------
     def router_aux_loss(self, p_tok: torch.Tensor, gates: torch.Tensor, attention_mask=None) -> torch.Tensor:
-        """One token router's auxiliary loss on p_tok (B, S, E) over attended tokens: GJS or load balancing."""
+        """One token router's auxiliary loss on p_tok (B, S, E) over attended tokens: GJS or load balancing.
+
+        Load balancing divides the expert frequencies by the config's `top_k` even under soft routing, as the
+        reference does (SPEC 4)."""
         config = self.hmora_config
         mask = torch.ones(p_tok.shape[:-1], device=p_tok.device) if attention_mask is None else attention_mask
         if config.use_div_loss:
             return hmora_kernels.gjs_loss(p_tok, config.gamma_div_certain_t, config.gamma_div_balance_t, mask,
                                           backend=config.backend)
         if config.use_load_balancing_loss:
-            return hmora_kernels.load_balancing_loss(p_tok, gates, config.gate_top_k, mask, backend=config.backend)
+            return hmora_kernels.load_balancing_loss(p_tok, gates, config.top_k, mask, backend=config.backend)
         return p_tok.new_zeros(())
+
+    def task_router_loss(self, p_task: torch.Tensor) -> torch.Tensor:
+        """One task router's auxiliary loss: GJS over the batch of task weights p_task (N, E), gammas *_s."""
+        config = self.hmora_config
+        if not config.use_div_loss:
+            return p_task.new_zeros(())
+        return hmora_kernels.gjs_loss(p_task, config.gamma_div_certain_s, config.gamma_div_balance_s,
+                                      backend=config.backend)
 
     def token_aux_loss(self, router_probs, router_gates, attention_mask) -> torch.Tensor:
         """Unweighted sum of `router_aux_loss` over the token routers (task-only layers have none)."""
@@ -256,66 +277,86 @@ class HMoRAModel(nn.Module):
             total = total + self.router_aux_loss(p_tok, router_gates[name], attention_mask)
         return total
 
-    def task_aux_loss(self, task_input_ids: torch.Tensor, task_attention_mask: Optional[torch.Tensor] = None):
-        """lambda_auxiliary * sum over task routers of GJS over this batch of task weights (SPEC 4).
+    def task_routers_loss(self, task_probs: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """Unweighted sum of `task_router_loss` over the task routers."""
+        total = torch.zeros((), device=self.device)
+        for p_task in task_probs.values():
+            total = total + self.task_router_loss(p_task)
+        return total
 
-        The reference recipe calls this once per optimizer step on all sources of the accumulation window
-        and backpropagates it on its own.
-        """
-        config = self.hmora_config
+    def task_aux_loss(self, task_input_ids: torch.Tensor, task_attention_mask: Optional[torch.Tensor] = None):
+        """lambda_auxiliary * sum over task routers of GJS over the task weights of these sources, computed
+        outside a forward, for the reference recipe's separate backward in one process. Under DDP or FSDP pass the
+        sources to the forward instead (`task_loss_input_ids`), whose loss then holds this term."""
         probs = self.task_router_probs(self.task_representation(task_input_ids=task_input_ids,
                                                                 task_attention_mask=task_attention_mask))
-        total = torch.zeros((), device=self.device)
-        if config.use_div_loss:
-            for p_task in probs.values():
-                total = total + hmora_kernels.gjs_loss(p_task, config.gamma_div_certain_s, config.gamma_div_balance_s,
-                                                       backend=config.backend)
-        return config.lambda_auxiliary * total
+        return self.hmora_config.lambda_auxiliary * self.task_routers_loss(probs)
 
     # ---- forward / generate -----------------------------------------------------------------------------
     def forward(self, input_ids=None, attention_mask=None, labels=None, task_input_ids=None,
-                task_attention_mask=None, **kwargs) -> HMoRAOutput:
+                task_attention_mask=None, task_loss_input_ids=None, task_loss_attention_mask=None,
+                with_task_loss: bool = True, **kwargs) -> HMoRAOutput:
         """LM forward with routing. `labels` are unshifted (-100 = ignored); the shift happens here.
 
         The task representation comes from `task_input_ids`, or if absent from the prompt part of
         `input_ids` (attended tokens with label -100), see `task_representation`.
+
+        The task routers' loss (`out.task_aux_loss`, inside `out.loss`): by default GJS over this batch's task
+        weights, the very probabilities it was routed with (what HF Trainer, TRL and DDP optimise). Given
+        `task_loss_input_ids` (and `task_loss_attention_mask`), over those sources instead, e.g. every source of an
+        accumulation window (the reference recipe), with a task-encoder pass of their own. `with_task_loss=False`
+        leaves it out. Either way it is computed inside this forward: under DDP its gradient is all-reduced, under
+        FSDP every task router runs inside its own layer's forward.
         """
         kwargs.pop("num_items_in_batch", None)
         kwargs.pop("return_dict", None)  # we read the base model's output by name
         if labels is not None and input_ids is not None and labels.shape != input_ids.shape:
             raise ValueError(f"labels {tuple(labels.shape)} must have the shape of input_ids {tuple(input_ids.shape)}")
         task_repr = self.task_representation(input_ids, attention_mask, labels, task_input_ids, task_attention_mask)
-        task_probs = self.task_router_probs(task_repr)
-        context = ForwardContext(task_probs, record=True, attention_mask=attention_mask,
-                                 aux_loss=self.router_aux_loss)
-        if task_probs and torch.is_grad_enabled() and self.is_activation_checkpointing:
-            # reentrant checkpointing needs a path from the task probabilities into the layers (hmora.reentrant)
+        with_task_loss = with_task_loss and task_repr is not None
+        loss_task_repr = None
+        if task_loss_input_ids is not None and with_task_loss:
+            loss_task_repr = self.task_representation(task_input_ids=task_loss_input_ids,
+                                                      task_attention_mask=task_loss_attention_mask)
+        loss_terms = {"token": lambda p_tok, gates: self.router_aux_loss(p_tok, gates, attention_mask)}
+        if with_task_loss:
+            loss_terms["task"] = self.task_router_loss
+        task_reprs = {ROUTING_TASK: task_repr, LOSS_TASK: loss_task_repr}
+        context = ForwardContext(task_reprs, record=True, attention_mask=attention_mask, loss_terms=loss_terms)
+        if context.task_reprs and torch.is_grad_enabled() and self.is_activation_checkpointing:
+            # reentrant checkpointing needs a path from the task representations into the layers (hmora.reentrant)
             embeds = kwargs.pop("inputs_embeds", None)
             if embeds is None:
                 embeds = self.get_input_embeddings()(input_ids)
-            names = tuple(task_probs)
-            kwargs["inputs_embeds"] = TaskGradBridge.apply(embeds, context, names, *(task_probs[n] for n in names))
+            names = tuple(context.task_reprs)
+            kwargs["inputs_embeds"] = TaskGradBridge.apply(embeds, context, names,
+                                                           *(context.task_reprs[n] for n in names))
             input_ids = None
         self._routing.install(context)  # stays installed for checkpoint recomputation (see hmora.context)
         try:
             out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-            router_probs, router_gates = context.p_tok, context.gates
+            router_probs, router_gates, task_probs = context.p_tok, context.gates, context.task_probs
+            loss_task_probs = context.loss_task_probs if loss_task_repr is not None else task_probs
             layers_without_grad = context.layers_without_grad
         finally:
             context.finish()
         config = self.hmora_config
+        taps = layers_without_grad and torch.is_grad_enabled()
         aux_loss = self.token_aux_loss(router_probs, router_gates, attention_mask)
-        if layers_without_grad and torch.is_grad_enabled():
-            aux_loss = tap(aux_loss, context)
+        aux_loss = tap(aux_loss, context, "token") if taps else aux_loss
+        task_aux_loss = self.task_routers_loss(loss_task_probs) if with_task_loss else None
+        if task_aux_loss is not None and taps:
+            task_aux_loss = tap(task_aux_loss, context, "task")
         ce_loss = loss = None
         if labels is not None:
             logits = out.logits[:, :-1].float()
             ce_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                                       ignore_index=IGNORE_INDEX, label_smoothing=config.label_smoothing)
-            loss = config.lambda_lm * ce_loss + config.lambda_auxiliary * aux_loss
+            aux_total = aux_loss if task_aux_loss is None else aux_loss + task_aux_loss
+            loss = config.lambda_lm * ce_loss + config.lambda_auxiliary * aux_total
         return HMoRAOutput.extending(
-            out, loss=loss, logits=out.logits, ce_loss=ce_loss, aux_loss=aux_loss, task_repr=task_repr,
-            router_probs=router_probs, router_gates=router_gates, task_probs=task_probs,
+            out, loss=loss, logits=out.logits, ce_loss=ce_loss, aux_loss=aux_loss, task_aux_loss=task_aux_loss,
+            task_repr=task_repr, router_probs=router_probs, router_gates=router_gates, task_probs=task_probs,
         )
 
     @torch.no_grad()
@@ -324,7 +365,7 @@ class HMoRAModel(nn.Module):
         """`base_model.generate` with routing: the task weights are computed once from `task_input_ids` (or
         from the whole attended prompt) and held for every generated token."""
         task_repr = self.task_representation(input_ids, attention_mask, None, task_input_ids, task_attention_mask)
-        previous = self._routing.install(ForwardContext(self.task_router_probs(task_repr)))
+        previous = self._routing.install(ForwardContext({ROUTING_TASK: task_repr}))
         try:
             return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         finally:

@@ -32,7 +32,7 @@ class RouterMLP(nn.Sequential):
 
 
 class Router(nn.Module):
-    """The router of one group. kind "token": `token_mlp`; "task": `task_mlp`; "hybrid": both and `alpha`.
+    """The router of one group. kind "token": `token_mlp`; "task": `task_mlp`; "hybrid": both and `alpha` (1,).
 
     Owns no state between forwards: `token_args` and `task_probs` return values for this forward only.
     """
@@ -46,7 +46,8 @@ class Router(nn.Module):
         if kind != "task":
             self.token_mlp = RouterMLP(d_in, num_experts, num_layers, hidden_dim, device)
         if kind == "hybrid":
-            self.alpha = nn.Parameter(torch.tensor(float(alpha_init), device=device))
+            # 1-D, not a scalar: FSDP2's fully_shard refuses scalar parameters (checkpoints with a scalar load)
+            self.alpha = nn.Parameter(torch.tensor([float(alpha_init)], device=device))
         if kind != "token":
             self.task_mlp = RouterMLP(d_task, num_experts, num_layers, hidden_dim, device)
 

@@ -2,30 +2,36 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import nn
 
+from .config import POSITION_FREQUENCIES
+
 MAX_SOURCE_POSITIONS = 5000
 
 
-def sinusoid_frequencies(d: int) -> torch.Tensor:
-    """exp(-2i ln(10000) / d), i = 0 .. ceil(d/2) - 1, correctly rounded to fp32.
+def sinusoid_frequencies(d: int, rounding: str = "reference") -> torch.Tensor:
+    """exp(-2i ln(10000) / d), i = 0 .. ceil(d/2) - 1, in fp32.
 
-    Computed in float64: an fp32 `torch.exp` may differ in the last bit between CPUs, and at positions near 5000
-    one ulp of a frequency moves the table by ~2e-4 (see tests/test_hmora_parity.py).
+    "reference": the reference's formula as it computes it, fp32 `torch.exp` of the fp32 exponent (what its
+    checkpoints were trained with; parity needs it). "correctly_rounded": the exponential taken in float64 and
+    rounded once, the same bits on every CPU (fp32 exp may differ in the last bit between CPUs, and at positions
+    near 5000 one ulp of a frequency moves the table by ~2e-4).
     """
+    if rounding not in POSITION_FREQUENCIES:
+        raise ValueError(f"position frequencies: expected one of {POSITION_FREQUENCIES}, got {rounding!r}")
     exponent = torch.arange(0, d, 2, dtype=torch.float32) * (-math.log(10000.0) / d)
+    if rounding == "reference":
+        return torch.exp(exponent)
     return torch.exp(exponent.double()).float()
 
 
-def sinusoid_table(length: int, d: int, frequencies: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """PE[pos, 2i] = sin(pos f_i), PE[pos, 2i+1] = cos(pos f_i), f = `sinusoid_frequencies(d)`; (length, d) fp32.
+def sinusoid_table(length: int, d: int, frequencies: torch.Tensor) -> torch.Tensor:
+    """PE[pos, 2i] = sin(pos f_i), PE[pos, 2i+1] = cos(pos f_i); (length, d) fp32.
 
     The fp32 product pos * f_i is what the reference rounds; sin and cos are taken of it in float64.
     """
-    frequencies = sinusoid_frequencies(d) if frequencies is None else frequencies
     angle = (torch.arange(length, dtype=torch.float32).unsqueeze(1) * frequencies).double()
     table = torch.zeros(length, d, dtype=torch.float64)
     table[:, 0::2] = torch.sin(angle)
@@ -34,12 +40,12 @@ def sinusoid_table(length: int, d: int, frequencies: Optional[torch.Tensor] = No
 
 
 class TaskEncoder(nn.Module):
-    """Embedded source (B, S, d) + right-aligned sinusoidal positions, then one appended learned task token
-    (no position), through a bidirectional post-norm ReLU `nn.TransformerEncoder` with feed-forward 2d;
-    the output at the task token is the task representation (B, d)."""
+    """Embedded source (B, S, d) + right-aligned sinusoidal positions (`sinusoid_frequencies`), then one appended
+    learned task token (no position), through a bidirectional post-norm ReLU `nn.TransformerEncoder` with
+    feed-forward 2d; the output at the task token is the task representation (B, d)."""
 
     def __init__(self, d: int, num_heads: int, num_layers: int, dropout: float, task_token_init: torch.Tensor,
-                 device=None):
+                 position_frequencies: str = "reference", device=None):
         super().__init__()
         if d % num_heads:
             raise ValueError(
@@ -51,7 +57,8 @@ class TaskEncoder(nn.Module):
         self.task_embedding = nn.Embedding(1, d, device=device, dtype=torch.float32)
         with torch.no_grad():
             self.task_embedding.weight.copy_(task_token_init.reshape(1, d))
-        self.register_buffer("positions", sinusoid_table(MAX_SOURCE_POSITIONS, d).to(device), persistent=False)
+        table = sinusoid_table(MAX_SOURCE_POSITIONS, d, sinusoid_frequencies(d, position_frequencies))
+        self.register_buffer("positions", table.to(device), persistent=False)
 
     def forward(self, embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         batch, length, _ = embeds.shape

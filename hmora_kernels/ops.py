@@ -36,6 +36,9 @@ def route(
     task_probs (num_sequences, E): token t belongs to sequence t // (T / num_sequences).
     top_k None: gates = p; else the top-k of p renormalised by softmax over the selected
     probabilities (renorm "softmax", the reference implementation's rule) or by their sum ("sum").
+    Selection, the same in every backend: experts ordered by p descending, NaN above every number, equal values
+    (NaN and NaN too) by the lowest expert index; the first k. A row with a NaN gets NaN gates exactly at its
+    selected experts (0 elsewhere).
     For kind "task" logits may be None; then num_tokens gives T.
     """
     if logits is not None:
@@ -109,13 +112,17 @@ def load_balancing_loss(
     p: torch.Tensor, gates: torch.Tensor, top_k: Optional[int] = None, mask: Optional[torch.Tensor] = None, *,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """E * sum_i prop_i freq_i: prop the masked mean of p, freq the masked fraction of tokens with gate_i != 0 over k."""
+    """E * sum_i prop_i freq_i: prop the masked mean of p, freq the masked fraction of tokens with gate_i != 0 over k.
+
+    top_k: the divisor k (None: E). The reference divides by its configured top_k also under soft routing, where
+    every gate is non-zero; k is then any integer >= 1, not tied to E."""
     checks.check_probs("p", p, mask)
     checks.check_probs("gates", gates, mask)
     if tuple(gates.shape) != tuple(p.shape):
         raise ValueError(f"gates {tuple(gates.shape)} must have the shape of p {tuple(p.shape)}")
-    if top_k is not None:
-        checks.check_routing_args("token", top_k, "softmax", p.shape[-1])
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
+        raise ValueError(f"top_k: expected an integer >= 1 (the divisor of the frequencies) or None for E, "
+                         f"got {top_k!r}")
     return _loss_impl(backend, p.device).load_balancing_loss(p, gates, top_k, mask)
 
 

@@ -57,8 +57,9 @@ def test_forward_backward_generate(family):
     config = model.hmora_config
     assert out.logits.shape == (2, 8, VOCAB)
     assert torch.isfinite(out.loss) and out.aux_loss > 0
-    assert out.loss.item() == pytest.approx(config.lambda_lm * out.ce_loss.item()
-                                            + config.lambda_auxiliary * out.aux_loss.item(), rel=1e-6)
+    assert out.task_aux_loss > 0
+    assert out.loss.item() == pytest.approx(config.lambda_lm * out.ce_loss.item() + config.lambda_auxiliary
+                                            * (out.aux_loss.item() + out.task_aux_loss.item()), rel=1e-6)
     kinds = model.layer_kinds()
     assert collections.Counter(kinds.values()) == {"token": len(kinds) // 3, "hybrid": len(kinds) // 3,
                                                    "task": len(kinds) // 3}

@@ -5,12 +5,15 @@ model, run the step its README describes (forward + backward of lambda_lm * CE +
 the task-router GJS backward on its own) and compare every value it lists, at its suggested tolerances:
 logits / gates / probabilities / task_repr atol 1e-5, losses rtol 1e-5, gradients |d| <= 1e-4 max|g| + 1e-9.
 
-The task encoder's positions sit near 5000, where one ulp of a sinusoid frequency moves the table by ~2e-4.
-The reference computes the frequencies with fp32 `torch.exp`, whose last bit depends on the CPU: on the machine
-that made the fixture, 2 of the 32 frequencies (entries 3 and 23) came out one ulp above the correctly rounded
-value that we use (found by a search over +-2 ulp per entry; with them task_repr matches to 4e-7, without them
-it is 8.4e-5 off). The step below therefore runs with that machine's table, and
-`test_task_representation_with_our_own_positions` bounds the difference our own table makes.
+The task encoder's positions sit near 5000, where one ulp of a sinusoid frequency moves the table by ~2e-4. By
+default we compute the frequencies with the reference's own fp32 formula, so the step below needs no patched
+buffer; `test_correctly_rounded_positions_option` bounds what the option `position_frequencies="correctly_rounded"`
+changes.
+
+Our forward also offers the task-router loss inside `out.loss`; `with_task_loss=False` gives the reference's
+micro-batch loss, and `task_loss_input_ids` = the window's sources gives its micro-batch loss plus its task-router
+loss in one forward: `test_task_loss_over_given_sources_is_the_reference_step` checks that this reproduces the sum of
+the reference's two backwards.
 """
 import math
 from pathlib import Path
@@ -23,13 +26,11 @@ from transformers import AutoModelForCausalLM
 import hmora_kernels
 from hmora import import_reference_checkpoint
 from hmora.importer import map_reference_names
-from hmora.task_encoder import MAX_SOURCE_POSITIONS, sinusoid_frequencies, sinusoid_table
 
 FIXTURE = Path(__file__).parent / "fixtures" / "qwen2_paper"
 ATOL = 1e-5
 LOSS_RTOL = 1e-5
 GRAD_RTOL = 1e-4
-FIXTURE_MACHINE_ULPS = {3: 1, 23: 1}  # frequency index -> ulps above the correctly rounded fp32 value
 # Router table order of the README (= order of aux_loss_token_per_router).
 OWNERS = [f"model.layers.{layer}.{block}" for layer in range(6) for block in ("self_attn.q_proj", "mlp.gate_proj")]
 
@@ -45,28 +46,23 @@ def _ours(name: str) -> str:
     return mapped
 
 
-def fixture_machine_positions(d: int) -> torch.Tensor:
-    frequencies = sinusoid_frequencies(d)
-    bits = frequencies.view(torch.int32)
-    for index, ulps in FIXTURE_MACHINE_ULPS.items():
-        bits[index] += ulps
-    return sinusoid_table(MAX_SOURCE_POSITIONS, d, frequencies)
-
-
-def imported_model():
+def imported_model(**overrides):
     base = AutoModelForCausalLM.from_pretrained(str(FIXTURE / "base"), attn_implementation="sdpa")  # fp32
     # label smoothing 0.1 is a flag of the reference's training command, not part of its config.json
-    return import_reference_checkpoint(base, FIXTURE / "reference_adapter", label_smoothing=0.1).eval()
+    return import_reference_checkpoint(base, FIXTURE / "reference_adapter", label_smoothing=0.1, **overrides).eval()
+
+
+def lm_inputs(inputs):
+    return dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=inputs["labels"],
+                task_input_ids=inputs["task_input_ids"], task_attention_mask=inputs["task_attention_mask"],
+                use_cache=False)
 
 
 @pytest.fixture(scope="module")
 def step():
     inputs = load_file(str(FIXTURE / "inputs.safetensors"))
     model = imported_model()
-    model.task_encoder.positions.copy_(fixture_machine_positions(model.task_encoder.positions.shape[1]))
-    out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=inputs["labels"],
-                task_input_ids=inputs["task_input_ids"], task_attention_mask=inputs["task_attention_mask"],
-                use_cache=False)
+    out = model(**lm_inputs(inputs), with_task_loss=False)  # the reference's micro-batch loss
     out.loss.backward()
     params = model.adapter_named_parameters()
     grads = {name: p.grad.clone() for name, p in params.items()}
@@ -98,11 +94,11 @@ def test_task_representation(step):
     assert diff <= ATOL
 
 
-def test_task_representation_with_our_own_positions(step):
-    """Our machine-independent table (correctly rounded frequencies) differs from the fixture machine's in 2
-    frequencies by one ulp; that moves task_repr by 8.4e-5 and the task weights by up to 5e-5."""
-    model, inputs = imported_model(), step["inputs"]
-    assert (model.task_encoder.positions - fixture_machine_positions(64)).abs().max() < 3e-4
+def test_correctly_rounded_positions_option(step):
+    """The correctly rounded frequency table differs from the reference formula's in the last bit of a few
+    frequencies (2 of 32 on the machines checked); near position 5000 that moves task_repr by up to ~1e-4."""
+    model, inputs = imported_model(position_frequencies="correctly_rounded"), step["inputs"]
+    assert 0 < (model.task_encoder.positions - step["model"].task_encoder.positions).abs().max() < 3e-4
     with torch.no_grad():
         task_repr = model.task_representation(task_input_ids=inputs["task_input_ids"],
                                               task_attention_mask=inputs["task_attention_mask"])
@@ -167,3 +163,29 @@ def test_gradient_norms_and_sums_of_every_parameter(step, prefix, grads_key):
         assert grad.norm().item() == pytest.approx(norm, rel=GRAD_RTOL, abs=1e-9), name
         # the plain sum cancels: compare it with an absolute tolerance scaled by the norm
         assert abs(grad.sum().item() - total) <= GRAD_RTOL * norm * math.sqrt(grad.numel()) + 1e-9, name
+
+
+@pytest.mark.parametrize("sources", ["this batch", "given"])
+def test_task_loss_over_given_sources_is_the_reference_step(step, sources):
+    """One forward whose loss holds the task-router loss gives the reference's whole step: its micro-batch backward
+    plus its separate task-router backward. The fixture's window is its one micro-batch, so the default (this
+    batch's task weights) and explicitly given sources (the window's) coincide here; eval mode, no dropout."""
+    inputs, expected = step["inputs"], step["expected"]
+    model = imported_model()
+    given = {"task_loss_input_ids": inputs["task_input_ids"],
+             "task_loss_attention_mask": inputs["task_attention_mask"]} if sources == "given" else {}
+    out = model(**lm_inputs(inputs), **given)
+    assert out.task_aux_loss.item() == pytest.approx(expected["aux_loss_task"].item(), rel=LOSS_RTOL)
+    total = expected["total_loss"].item() + expected["aux_loss_task_weighted"].item()
+    assert out.loss.item() == pytest.approx(total, rel=LOSS_RTOL)
+    out.loss.backward()
+    params = model.adapter_named_parameters()
+    compared = 0
+    for key in (k for k in expected if k.startswith("grad.")):
+        name = key[len("grad."):]
+        if f"grad_task_aux_stats.{name}" in expected and f"grad_task_aux.{name}" not in expected:
+            continue  # the fixture lists only the statistics of this parameter's task-router gradient
+        both = expected[key] + expected.get(f"grad_task_aux.{name}", torch.zeros(()))
+        _grad_close(params[_ours(name)].grad, both, key)
+        compared += 1
+    assert compared >= 12

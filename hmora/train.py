@@ -195,7 +195,7 @@ def accumulate_window(model, micro_batches: Sequence[Sequence[Example]], pad_id:
     for micro in micro_batches:
         batch = {k: v.to(device) for k, v in collate(micro, pad_id).items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = model(**batch)
+            out = model(**batch, with_task_loss=False)  # the task-router loss comes once per window, below
         out.loss.backward()
         losses.append(out.loss.item())
         aux_losses.append(out.aux_loss.item())

@@ -30,7 +30,7 @@ class StandIn(torch.nn.Module):
         self.task_router = torch.nn.Linear(HIDDEN, EXPERTS)
         self.dropout = dropout
 
-    def forward(self, input_ids, attention_mask, labels, task_input_ids, task_attention_mask):
+    def forward(self, input_ids, attention_mask, labels, task_input_ids, task_attention_mask, with_task_loss=True):
         h = F.dropout(self.embed(input_ids), self.dropout, self.training)
         logits = h @ self.head_lora_A.T @ self.head_lora_B.T
         ce = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1), ignore_index=-100)

@@ -148,3 +148,51 @@ def test_reference_names_map_onto_ours():
                             f"{owner}.router.task_mlp.0.bias", f"{owner}.router.alpha", f"{owner}.lora_A",
                             f"{owner}.lora_B", "model.layers.1.mlp.down_proj.lora_B",
                             "task_encoder.task_embedding.weight"]
+
+
+def reference_names(model) -> dict:
+    """Our adapter tensors under the reference implementation's names (the inverse of map_reference_names) and with
+    its scalar alpha: what its `save_pretrained` writes."""
+    from hmora.layers import ExpertLinear
+
+    routed = {name for name, m in model.base_model.named_modules() if isinstance(m, ExpertLinear)}
+    state = {}
+    for name, tensor in model.adapter_named_parameters().items():
+        module, _, leaf = name.rpartition(".")
+        if leaf in ("lora_A", "lora_B"):
+            kind = "mora.mora" if module in routed else "lora.lora"
+            name = f"{module}.{kind}_{leaf[-1].lower()}"
+        for ours, theirs in ((".router.token_mlp.", ".router.mlp."), (".router.task_mlp.", ".router.task_router.mlp.")):
+            if ours in name:  # their Sequential(Dropout, Linear, ReLU, Dropout, Linear): our Linear j is at 1 + 3j / 2
+                head, _, tail = name.partition(ours)
+                index, _, kind = tail.partition(".")
+                name = f"{head}{theirs}{1 + 3 * int(index) // 2}.{kind}"
+        state[name] = tensor.detach().reshape(()) if name.endswith(".router.alpha") else tensor.detach()
+    return state
+
+
+@pytest.mark.parametrize("router_layers", [1, 2])
+def test_reference_checkpoint_with_null_target_modules_lora_routes_every_target(tmp_path, router_layers):
+    """The reference reads a null `target_modules_lora` as none: every target module gets experts and a router."""
+    config = HMoRAConfig(num_experts=4, lora_r=2, task_token_id=5, dropout=0.0, target_modules_lora=[],
+                         num_router_mlp_layers=router_layers)
+    source = get_hmora_model(tiny_base("qwen2"), config)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for param in source.adapter_named_parameters().values():
+            param.add_(0.3 * torch.randn(param.shape, generator=generator))
+    values = {k: v for k, v in source.hmora_config.to_dict().items() if k not in ("position_frequencies", "backend")}
+    values.update(peft_type="hmora", torch_dtype=None, use_rs_scaling=False, target_modules_lora=None,
+                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    for ours_only in ("lora_scaling", "renorm", "label_smoothing", "num_encoder_heads", "qkv_modules", "w_i_modules"):
+        del values[ours_only]
+    (tmp_path / "config.json").write_text(json.dumps(values))
+    with open(tmp_path / "adapter_model.safetensors", "wb") as f:  # a torch pickle under that name, as the reference
+        torch.save(reference_names(source), f)
+
+    imported = import_reference_checkpoint(tiny_base("qwen2"), tmp_path)
+    assert imported.hmora_config.target_modules_lora == []
+    owners = set(imported.layer_kinds())
+    assert "model.layers.0.self_attn.o_proj" in owners and "model.layers.0.mlp.down_proj" in owners
+    ids, mask, _ = batch()
+    assert torch.equal(_logits(imported, ids, mask), _logits(source, ids, mask))

@@ -62,3 +62,22 @@ def test_layer_schedule_of_a_28_layer_model():
     assert HMoRAConfig(max_llm_layer=27, use_task_router=False).layer_kind(27) == "token"
     assert HMoRAConfig(max_llm_layer=27, task_router_only=True).layer_kind(0) == "task"
     assert HMoRAConfig(max_llm_layer=27, alpha_shift=3.0).layer_kind(0) == "hybrid"
+
+
+def test_constructor_on_a_reference_config_json_points_to_from_dict():
+    import json
+
+    values = json.loads(REFERENCE_CONFIG.read_text())
+    with pytest.raises(ValueError, match=r"keys of the reference implementation's config.json; load that file with "
+                                         r"HMoRAConfig.from_json_file\(path\) or HMoRAConfig.from_dict\(values\)"):
+        HMoRAConfig(**values)
+    assert HMoRAConfig.from_dict(values) == HMoRAConfig.from_json_file(REFERENCE_CONFIG)
+    # null target_modules_lora: the reference's "none"; ours (no peft_type) keeps None = the family default
+    assert HMoRAConfig.from_dict({**values, "target_modules_lora": None}).target_modules_lora == []
+    assert HMoRAConfig.from_dict({"target_modules_lora": None}).target_modules_lora is None
+
+
+def test_top_k_is_the_load_balancing_divisor_under_soft_routing():
+    HMoRAConfig(top_k_routing_strategy=False, top_k=12, num_experts=4)  # only a divisor: may exceed E
+    with pytest.raises(ValueError, match="top_k: expected an integer >= 1"):
+        HMoRAConfig(top_k_routing_strategy=False, top_k=0)

@@ -7,6 +7,7 @@ import torch
 from transformers import (BloomConfig, BloomForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config,
                           Qwen2ForCausalLM)
 
+import hmora_kernels
 from hmora import HMoRAConfig, HMoRAModel, get_hmora_model
 from hmora.model import prompt_part
 
@@ -144,24 +145,28 @@ def test_qwen2_1p5b_shaped_paper_setting_counts_and_schedule(capsys):
     assert by_layer == {layer: {"token" if layer <= 4 else "hybrid" if layer <= 22 else "task"} for layer in range(28)}
 
 
-def _grads_after_step(model, ids, mask, labels):
+def _grads_after_step(model, ids, mask, labels, **extra):
     model.zero_grad()
     torch.manual_seed(123)  # the dropout seeds of this step
-    out = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False, **extra)
     out.loss.backward()
     return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+@pytest.mark.parametrize("task_loss_sources", [False, True])
 @pytest.mark.parametrize("reentrant", [False, True])
-def test_activation_checkpointing_gives_the_same_gradients(reentrant):
+def test_activation_checkpointing_gives_the_same_gradients(reentrant, task_loss_sources):
     """With dropout on, checkpointed layers redraw the same seeds in the recomputation; reentrant mode needs the
-    task-probability and aux-loss bridges of hmora.reentrant. Gradients equal those without checkpointing."""
+    task-representation and loss bridges of hmora.reentrant. Gradients equal those without checkpointing, with the
+    task-router loss over this batch or over other sources (a second task representation into every layer)."""
     model = tiny_model("qwen2", dropout=0.1).train()
     ids, mask, labels = batch()
-    loss, grads = _grads_after_step(model, ids, mask, labels)
+    extra = {"task_loss_input_ids": ids[:, :4].flip(0), "task_loss_attention_mask": mask[:, :4].flip(0)} \
+        if task_loss_sources else {}
+    loss, grads = _grads_after_step(model, ids, mask, labels, **extra)
     model.activation_checkpointing_enable({"use_reentrant": reentrant})
     assert model.is_activation_checkpointing
-    loss_ckpt, grads_ckpt = _grads_after_step(model, ids, mask, labels)
+    loss_ckpt, grads_ckpt = _grads_after_step(model, ids, mask, labels, **extra)
     assert torch.equal(loss, loss_ckpt)
     for name, grad in grads.items():
         torch.testing.assert_close(grads_ckpt[name], grad, rtol=1e-6, atol=1e-7, msg=name)
@@ -307,3 +312,53 @@ def test_forward_survives_a_transformers_that_renames_output_fields(monkeypatch)
     assert len(cache_names) == 1 and out[cache_names.pop()] is not None
     assert len(out.hidden_states) == model.config.num_hidden_layers + 1
     assert torch.isfinite(out.loss) and out.logits.shape == (2, 8, VOCAB)
+
+
+def test_soft_routing_load_balancing_divides_by_the_configured_top_k():
+    """SPEC 4: the reference divides the frequencies by its top_k also under soft routing, where every gate is
+    non-zero: each router's loss is E * sum_i prop_i * 1 / k = E / k = 2 at E 4, top_k 2 (E / E = 1 would be ours)."""
+    model = tiny_model("qwen2", top_k_routing_strategy=False, top_k=2, use_div_loss=False,
+                       use_load_balancing_loss=True).train()
+    ids, mask, labels = batch()
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert out.aux_loss.item() == pytest.approx(2.0 * len(out.router_probs), rel=1e-6)
+    assert out.task_aux_loss.item() == 0.0  # the task routers' loss is GJS only (use_div_loss)
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_task_router_only_routes_every_token_of_a_sequence_by_its_task_weights():
+    model = tiny_model("qwen2", task_router_only=True).train()
+    ids, mask, labels = batch()
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert set(model.layer_kinds().values()) == {"task"} and out.router_probs == {}
+    assert out.aux_loss.item() == 0.0 and out.task_aux_loss > 0
+    for name, gates in out.router_gates.items():
+        p_task = out.task_probs[name]
+        _, expected = hmora_kernels.route(None, task_probs=p_task, kind="task", top_k=2, num_tokens=16)
+        torch.testing.assert_close(gates.reshape(16, -1), expected)
+    out.loss.backward()
+    task_side = [n for n, p in model.named_parameters() if p.requires_grad and ("task_mlp" in n or "task_encoder" in n)]
+    assert task_side and all(model.get_parameter(n).grad.abs().sum() > 0 for n in task_side)
+    generated = model.eval().generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False,
+                                      pad_token_id=0)
+    assert generated.shape == (2, 10)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_deeper_routers_give_the_reference_backends_results(backend):
+    """num_router_mlp_layers = 3 (d -> 32 -> 32 -> E, the router_logits path of the kernels) with dropout 0.1:
+    values and gradients of every backend equal the reference backend's."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    ids, mask, labels = batch()
+    results = {}
+    for name in ("reference", backend):
+        model = tiny_model("qwen2", backend=name, dropout=0.1, num_router_mlp_layers=3).train()
+        assert len(model.base_model.model.layers[0].self_attn.q_proj.router.token_mlp) == 5  # 3 Linear, 2 ReLU
+        results[name] = _grads_after_step(model, ids, mask, labels)
+    (loss_ref, grads_ref), (loss, grads) = results["reference"], results[backend]
+    assert loss.item() == pytest.approx(loss_ref.item(), rel=1e-5)
+    for name, grad in grads_ref.items():
+        diff = (grads[name] - grad).abs().max().item()
+        assert diff <= 1e-3 * grad.abs().max().item() + 1e-6, name

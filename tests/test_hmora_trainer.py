@@ -27,3 +27,26 @@ def test_hf_trainer_trains_a_few_steps(tmp_path):
     assert result.global_step == 4 and torch.isfinite(torch.tensor(result.training_loss))
     changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
     assert changed == set(model.trainable_parameter_names())  # every adapter tensor trained, the base frozen
+
+
+def test_trainer_optimises_the_task_router_loss(tmp_path):
+    """lambda_lm = 0 and B = 0: neither the LM loss nor the token routers' loss reaches a task router, so whatever
+    gradient the task routers get under Trainer is the task-router loss's. It must equal d out.loss / d params."""
+    model = tiny_model("qwen2", perturb=False, lambda_lm=0.0, lambda_auxiliary=1.0)
+    ids, mask, labels = batch(rows=2)
+    rows = [{"input_ids": ids[i], "attention_mask": mask[i], "labels": labels[i]} for i in range(2)]
+    expected = model(input_ids=ids, attention_mask=mask, labels=labels)
+    expected.loss.backward()
+    task_side = {n: p.grad.clone() for n, p in model.named_parameters() if "task_mlp" in n}
+    assert task_side and all(g.abs().sum() > 0 for g in task_side.values())
+    model.zero_grad()
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, report_to=[],
+                             save_strategy="no", use_cpu=True, disable_tqdm=True, max_grad_norm=0.0)  # no clipping
+    trainer = Trainer(model=model, args=args, train_dataset=rows)
+    trainer.create_optimizer_and_scheduler(num_training_steps=1)
+    seen = {}
+    trainer.optimizer.register_step_pre_hook(
+        lambda *_: seen.update({n: p.grad.clone() for n, p in model.named_parameters() if n in task_side}))
+    trainer.train()
+    for name, grad in task_side.items():
+        torch.testing.assert_close(seen[name], grad, rtol=1e-5, atol=1e-8, msg=name)

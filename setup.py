@@ -19,14 +19,18 @@ setup(
         "numpy>=1.24",  # benchmarks: the interpreter's address sets
     ],
     extras_require={
-        # accelerate: transformers.Trainer needs it (tests/test_hmora_trainer.py)
-        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "accelerate>=1.1"],
+        # accelerate: transformers.Trainer needs it (tests/test_hmora_trainer.py); matplotlib and tensorboard: the
+        # tests read back hmora-train's plot and event files
+        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "accelerate>=1.1", "matplotlib>=3.7",
+                 "tensorboard>=2.14"],
         "plot": ["matplotlib>=3.7"],
+        "tensorboard": ["tensorboard>=2.14"],
     },
     entry_points={
         "console_scripts": [
             "hmora-train=hmora.cli:train_main",
             "hmora-generate=hmora.cli:generate_main",
+            "hmora-plot=hmora.plot:plot_main",
             "hmora-bench=benchmarks.cli:main",
         ]
     },

@@ -24,6 +24,13 @@ CONFIG_NAME = "hmora_config.json"
 CONFIG_METADATA_KEY = "hmora_config"
 
 
+def umask_mode(mode: int = 0o666) -> int:
+    """`mode` less the process umask: what open() or mkdir() would give (mkstemp / mkdtemp give 0600 / 0700)."""
+    umask = os.umask(0)  # os.umask is the portable way to read the umask: set it, and set it straight back
+    os.umask(umask)
+    return mode & ~umask
+
+
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """Call write(temporary path) in path's directory, then rename over `path`; on any error remove the temp."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -32,6 +39,7 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -85,8 +85,12 @@ def template_for(model_type: str, tokenizer, name: Optional[str] = None) -> Prom
                      f"pass --template with one of {sorted(TEMPLATES)}")
 
 
-def load_rows(path: str) -> List[Dict[str, str]]:
-    """Rows of a parquet (`.parquet`) or JSON-lines (`.jsonl`, `.json`) file; each must have string source/target."""
+def load_rows(path: str, fields: Sequence[str] = ("source", "target")) -> List[Dict[str, str]]:
+    """Rows of a parquet (`.parquet`), JSON-lines (`.jsonl`) or JSON (`.json`: JSON lines, or one array of objects)
+    file; each row must have string `fields` (training: `source` and `target`).
+
+    (pyarrow reads the files directly: `datasets` would add a cache directory and a dozen dependencies for what is
+    a list of small dicts here.)"""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"dataset file {path!r} does not exist; pass --dataset a .parquet or .jsonl file "
                                 "with 'source' and 'target' fields")
@@ -97,17 +101,30 @@ def load_rows(path: str) -> List[Dict[str, str]]:
         rows = pq.read_table(path).to_pylist()
     elif suffix in (".jsonl", ".json"):
         with open(path, encoding="utf-8") as f:
-            rows = [_json_row(line, path, n) for n, line in enumerate(f, start=1) if line.strip()]
+            text = f.read()
+        rows = _json_array(text, path) if suffix == ".json" and text.lstrip().startswith("[") else \
+            [_json_row(line, path, n) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
     else:
         raise ValueError(f"dataset {path!r}: expected a .parquet or .jsonl file, got a {suffix or 'suffix-less'} file")
     if not rows:
         raise ValueError(f"dataset {path!r} has no rows")
     for i, row in enumerate(rows):
-        missing = [k for k in ("source", "target") if not isinstance(row.get(k), str)]
+        missing = [k for k in fields if not isinstance(row.get(k), str)]
         if missing:
-            raise ValueError(f"dataset {path!r}, row {i}: needs string fields 'source' and 'target', "
+            raise ValueError(f"dataset {path!r}, row {i}: needs string fields {' and '.join(map(repr, fields))}, "
                              f"{' and '.join(repr(k) for k in missing)} missing or not a string "
                              f"(row fields: {sorted(row)})")
+    return rows
+
+
+def _json_array(text: str, path: str) -> List[dict]:
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"dataset {path!r}: not a valid JSON array ({e})") from None
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"dataset {path!r}, array item {i}: expected a JSON object, got {type(row).__name__}")
     return rows
 
 
@@ -123,21 +140,23 @@ def _json_row(line: str, path: str, line_number: int) -> dict:
 
 @dataclass(frozen=True)
 class Example:
-    """One tokenised row: `input_ids = prompt + answer`, the first `num_prompt` of them the prompt."""
+    """One tokenised row: `input_ids = prompt + answer`, the first `num_prompt` of them the prompt.
+    `full_length`: the length of `prompt + answer` before `max_length` cut it (0: not recorded)."""
 
     input_ids: Tuple[int, ...]
     num_prompt: int
     task_ids: Tuple[int, ...]
+    full_length: int = 0
+
+    @property
+    def truncated(self) -> bool:
+        return self.full_length > len(self.input_ids)
 
 
 def encode_example(tokenizer, template: PromptTemplate, source: str, target: str,
                    max_length: int = DEFAULT_MAX_LENGTH) -> Example:
     """Tokenise one row; too long a pair loses tokens from the end of the longer part first (HF `longest_first`)."""
-    prompt = tokenizer(template.format_source(source))["input_ids"]
-    answer = tokenizer(template.format_target(target, tokenizer), add_special_tokens=False)["input_ids"]
-    num_prompt, num_answer = _longest_first(len(prompt), len(answer), max_length)
-    return Example(tuple(prompt[:num_prompt] + answer[:num_answer]), num_prompt,
-                   task_tokens(tokenizer, source, max_length))
+    return encode_rows(tokenizer, template, [{"source": source, "target": target}], max_length)[0]
 
 
 def task_tokens(tokenizer, source: str, max_length: int = DEFAULT_MAX_LENGTH) -> Tuple[int, ...]:
@@ -164,7 +183,31 @@ def _longest_first(num_prompt: int, num_answer: int, max_length: int) -> Tuple[i
 
 def encode_rows(tokenizer, template: PromptTemplate, rows: Sequence[Dict[str, str]],
                 max_length: int = DEFAULT_MAX_LENGTH) -> List[Example]:
-    return [encode_example(tokenizer, template, r["source"], r["target"], max_length) for r in rows]
+    """`encode_example` of every row, tokenised in three batched tokenizer calls (a fast tokenizer's batch path is
+    an order of magnitude quicker than a call per text)."""
+    if not rows:
+        return []
+    prompts = tokenizer([template.format_source(r["source"]) for r in rows])["input_ids"]
+    answers = tokenizer([template.format_target(r["target"], tokenizer) for r in rows],
+                        add_special_tokens=False)["input_ids"]
+    sources = tokenizer([r["source"] for r in rows], add_special_tokens=False)["input_ids"]
+    examples = []
+    for prompt, answer, source in zip(prompts, answers, sources):
+        num_prompt, num_answer = _longest_first(len(prompt), len(answer), max_length)
+        examples.append(Example(tuple(prompt[:num_prompt] + answer[:num_answer]), num_prompt,
+                                tuple(source[:max_length]), len(prompt) + len(answer)))
+    return examples
+
+
+def truncation_warning(examples: Sequence[Example], max_length: int, what: str = "rows") -> Optional[str]:
+    """One line saying how many examples `max_length` cut, and the length that would keep them whole; None if none."""
+    cut = [e for e in examples if e.truncated]
+    if not cut:
+        return None
+    empty = sum(len(e.input_ids) == e.num_prompt for e in cut)
+    lost = f"; {empty} of them keep no answer token" if empty else ""
+    return (f"warning: --max_length {max_length} truncates {len(cut)} of {len(examples)} {what} (prompt template "
+            f"included){lost}; the longest needs {max(e.full_length for e in cut)} tokens")
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> Tuple[torch.Tensor, torch.Tensor]:

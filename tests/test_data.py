@@ -10,7 +10,7 @@ import torch
 
 from hmora.data import (
     IGNORE_INDEX, BatchPosition, QWEN2_TEMPLATE, batch_order, collate, encode_example, encode_prompt, encode_rows,
-    left_pad, load_rows, template_for,
+    left_pad, load_rows, template_for, truncation_warning,
 )
 from hmora.tiny import SYNTHETIC_TASKS, build_tiny_tokenizer, synthetic_rows
 
@@ -88,8 +88,25 @@ def test_dataset_files_round_trip(tmp_path):
     rows = synthetic_rows(5, seed=1)
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n")
-    assert load_rows(str(tmp_path / "d.parquet")) == rows
-    assert load_rows(str(tmp_path / "d.jsonl")) == rows
+    (tmp_path / "lines.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "array.json").write_text("\n  " + json.dumps(rows, indent=2))  # a JSON array, as json.dump writes
+    for name in ("d.parquet", "d.jsonl", "lines.json", "array.json"):
+        assert load_rows(str(tmp_path / name)) == rows, name
+
+
+def test_truncation_warning_counts_the_rows_cut(tokenizer):
+    rows = [{"source": "add: 1+2", "target": "3"}, {"source": "reverse: abcdefghij", "target": "jihgfedcba"}]
+    assert truncation_warning(encode_rows(tokenizer, QWEN2_TEMPLATE, rows), 1024) is None
+    # prompt: 13 template tokens + the source; answer: 3 header tokens + the target + end of text
+    lengths = [13 + 8 + 3 + 1 + 1, 13 + 19 + 3 + 10 + 1]
+    examples = encode_rows(tokenizer, QWEN2_TEMPLATE, rows, max_length=30)
+    assert [e.full_length for e in examples] == lengths and [e.truncated for e in examples] == [False, True]
+    assert truncation_warning(examples, 30) == ("warning: --max_length 30 truncates 1 of 2 rows (prompt template "
+                                                "included); the longest needs 46 tokens")
+    examples = encode_rows(tokenizer, QWEN2_TEMPLATE, rows, max_length=1)  # longest first: the prompt's last token
+    assert truncation_warning(examples, 1, "eval rows") == (
+        "warning: --max_length 1 truncates 2 of 2 eval rows (prompt template included); 2 of them keep no answer "
+        "token; the longest needs 46 tokens")
 
 
 def _write_text(text):
@@ -109,6 +126,8 @@ def _write_parquet(rows):
      "'source' and 'target' missing.*question"),
     ("bad.jsonl", _write_text('{"source": "a", "target": "b"}\n{oops\n'), ValueError, "line 2: not valid JSON"),
     ("list.jsonl", _write_text('["a", "b"]\n'), ValueError, "line 1: expected a JSON object, got list"),
+    ("strings.json", _write_text('["a", "b"]'), ValueError, "array item 0: expected a JSON object, got str"),
+    ("cut.json", _write_text('[{"source": "a", "target": "b"},'), ValueError, "not a valid JSON array"),
     ("empty.jsonl", _write_text(""), ValueError, "no rows"),
 ])
 def test_dataset_errors_say_what_is_wrong(tmp_path, name, write, error, match):

@@ -1,6 +1,7 @@
 """The training loop against a small stand-in model (the loop's contract only): the reference recipe's gradient
 (micro-batch losses summed, task-router loss once per window), optimizer groups, schedules, atomic checkpoints and
 exact resume."""
+import json
 import os
 from types import SimpleNamespace
 
@@ -11,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from hmora.data import Example, collate, left_pad
 from hmora.optim import build_optimizer, build_scheduler
-from hmora.train import TrainArgs, latest_checkpoint, train, write_directory_atomically
+from hmora.train import TrainArgs, TrainingInterrupted, latest_checkpoint, train, write_directory_atomically
 from interruption import run_interrupted_after
 
 VOCAB, HIDDEN, EXPERTS, PAD = 12, 8, 3, 0
@@ -36,7 +37,7 @@ class StandIn(torch.nn.Module):
         ce = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1), ignore_index=-100)
         probs = self.router(h).softmax(-1)
         aux = (probs.pow(2).sum(-1) * attention_mask).sum() / attention_mask.sum()
-        return SimpleNamespace(loss=ce + 0.1 * aux, aux_loss=aux.detach(), router_probs={"r": probs})
+        return SimpleNamespace(loss=ce + 0.1 * aux, ce_loss=ce.detach(), aux_loss=aux.detach(), router_probs={"r": probs})
 
     def task_aux_loss(self, task_input_ids, task_attention_mask):
         pooled = (self.embed(task_input_ids) * task_attention_mask[..., None]).sum(1)
@@ -145,7 +146,151 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(monkeypatch, tmp
     assert [h.step for h in result.history] == [4, 5, 6, 7]
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
-    assert sorted(os.listdir(tmp_path / "b")) == ["checkpoint-3", "checkpoint-6", "checkpoint-7"]
+    assert sorted(os.listdir(tmp_path / "b")) == ["checkpoint-3", "checkpoint-6", "checkpoint-7", "metrics.jsonl"]
+    # the resumed run's metrics continue the interrupted run's: one line per step, as the straight run's
+    assert without_speed(metrics(tmp_path / "b")) == without_speed(metrics(tmp_path / "a"))
+
+
+def metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def without_speed(records):
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]
+
+
+def test_metrics_file_records_every_step(tmp_path):
+    args = TrainArgs(str(tmp_path), max_steps=4, batch_size=2, accumulation_steps=2, lr=0.05, warmup_ratio=0.5,
+                     schedule_name="linear", max_grad_norm=0.5)
+    result = train(stand_in(), examples(8), args, pad_id=PAD, log=quiet)
+    records = metrics(tmp_path)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert set(records[0]) == {"step", "epoch", "loss", "ce", "aux", "task_aux", "lr", "grad_norm",
+                               "routing_entropy", "tokens_per_s"}
+    # --warmup_ratio 0.5 of 4 steps: 2 warmup steps, then linear decay to 0 at step 4
+    assert [r["lr"] for r in records] == pytest.approx([0.0, 0.025, 0.05, 0.025])
+    assert [r["epoch"] for r in records] == [0.5, 1.0, 1.5, 2.0]  # 4 batches of 2 rows per epoch, 2 per step
+    for record, entry in zip(records, result.history):
+        assert record["loss"] == entry.loss and record["grad_norm"] > 0 and record["tokens_per_s"] > 0
+        # loss = mean micro-batch (CE + 0.1 aux) + the task loss of the step
+        assert record["loss"] == pytest.approx(record["ce"] + 0.1 * record["aux"] + record["task_aux"], rel=1e-6)
+
+
+def test_grad_norm_is_measured_before_clipping(tmp_path, monkeypatch):
+    norms = []
+    original_step = torch.optim.AdamW.step
+
+    def capture(self, *a, **k):
+        norms.append(torch.nn.utils.get_total_norm([p.grad for g in self.param_groups for p in g["params"]
+                                                    if p.grad is not None]).item())
+        return original_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", capture)
+    train(stand_in(), examples(4), TrainArgs(str(tmp_path), max_steps=1, max_grad_norm=1e-3), pad_id=PAD, log=quiet)
+    assert norms[0] == pytest.approx(1e-3, rel=1e-3)  # clipped (torch adds 1e-6 to the norm)
+    assert metrics(tmp_path)[0]["grad_norm"] > 1e-2  # the norm before clipping
+
+
+def test_max_steps_wins_over_num_epochs(tmp_path):
+    lines = []
+    # 10 rows in batches of 4: 3 batches per epoch; 5 steps take 2 epochs
+    result = train(stand_in(), examples(10), TrainArgs(str(tmp_path), max_steps=5, num_epochs=1, batch_size=4),
+                   pad_id=PAD, log=lines.append)
+    assert [h.step for h in result.history] == [1, 2, 3, 4, 5]
+    assert "--max_steps 5 takes 2 passes over the 10 rows, more than --num_epochs 1: --max_steps wins" in lines[0]
+
+
+def test_save_total_limit_keeps_the_newest_checkpoints(tmp_path):
+    train(stand_in(), examples(8), TrainArgs(str(tmp_path), max_steps=5, save_steps=1, save_total_limit=2),
+          pad_id=PAD, log=quiet)
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith("checkpoint")) == ["checkpoint-4", "checkpoint-5"]
+
+
+def test_evaluation_never_changes_the_training_run(tmp_path):
+    """Evaluation draws random numbers (here on purpose) under its own RNG state: the weights stay those of a run
+    without evaluation, and its scores land in metrics.jsonl."""
+    common = dict(max_steps=4, batch_size=2, lr=0.05, eval_steps=2)
+    plain = stand_in(dropout=0.3)
+    train(plain, examples(8), TrainArgs(str(tmp_path / "plain"), **common), pad_id=PAD, log=quiet)
+    evaluated = stand_in(dropout=0.3)
+
+    def evaluate():
+        evaluated.eval()
+        return {"loss": float(torch.rand(()))}
+
+    result = train(evaluated, examples(8), TrainArgs(str(tmp_path / "eval"), **common), pad_id=PAD, log=quiet,
+                   evaluate=evaluate)
+    for a, b in zip(plain.state_dict().values(), evaluated.state_dict().values()):
+        assert torch.equal(a, b)
+    assert [r["step"] for r in result.evaluations] == [2, 4]
+    eval_lines = [r for r in metrics(tmp_path / "eval") if "eval_loss" in r]
+    assert eval_lines == result.evaluations and evaluated.training  # back in training mode
+
+
+def test_ctrl_c_saves_the_current_step_and_stops(tmp_path, monkeypatch):
+    """The first SIGINT lets the step finish, saves it and stops; resuming from it ends where a straight run does."""
+    import signal
+
+    common = dict(max_steps=5, batch_size=2, lr=0.05, seed=1)
+    straight = stand_in(dropout=0.3)
+    train(straight, examples(8), TrainArgs(str(tmp_path / "a"), **common), pad_id=PAD, log=quiet)
+
+    original_step = torch.optim.AdamW.step
+    calls = []
+
+    def ctrl_c_in_step_2(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", ctrl_c_in_step_2)
+    lines = []
+    with pytest.raises(TrainingInterrupted) as stop:
+        train(stand_in(dropout=0.3), examples(8), TrainArgs(str(tmp_path / "b"), **common), pad_id=PAD,
+              log=lines.append)
+    monkeypatch.undo()
+    assert stop.value.step == 2 and stop.value.checkpoint == os.path.join(str(tmp_path / "b"), "checkpoint-2")
+    assert lines[-1].startswith("Ctrl-C: stopping after this step and saving a checkpoint")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    resumed = stand_in(seed=7, dropout=0.3)
+    resumed.load_state_dict(load_file(os.path.join(stop.value.checkpoint, "adapter", "w.safetensors")))
+    train(resumed, examples(8), TrainArgs(str(tmp_path / "b"), **common), pad_id=PAD, log=quiet,
+          resume_from=stop.value.checkpoint)
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_truncated_training_state_names_the_file(tmp_path):
+    train(stand_in(), examples(4), TrainArgs(str(tmp_path), max_steps=1), pad_id=PAD, log=quiet)
+    state = tmp_path / "checkpoint-1" / "training_state.pt"
+    state.write_bytes(state.read_bytes()[:200])
+    with pytest.raises(ValueError, match=f"^{state} is damaged or truncated .*resume from an earlier checkpoint"):
+        train(stand_in(), examples(4), TrainArgs(str(tmp_path), max_steps=2), pad_id=PAD, log=quiet,
+              resume_from=str(tmp_path / "checkpoint-1"))
+
+
+def test_stale_temporaries_are_removed_and_permissions_follow_the_umask(tmp_path):
+    stale = [tmp_path / ".checkpoint-3.tmp-abc", tmp_path / ".checkpoint-2.old-xyz"]
+    for path in stale:
+        (path / "adapter").mkdir(parents=True)
+    (tmp_path / ".keep-me").mkdir()  # not ours
+    old = os.umask(0o022)
+    try:
+        lines = []
+        train(stand_in(), examples(4), TrainArgs(str(tmp_path), max_steps=1), pad_id=PAD, log=lines.append)
+    finally:
+        os.umask(old)
+    assert sorted(os.listdir(tmp_path)) == [".keep-me", "checkpoint-1", "metrics.jsonl"]
+    assert sum("left by an interrupted checkpoint write" in line for line in lines) == 2
+    checkpoint = tmp_path / "checkpoint-1"
+    assert (checkpoint.stat().st_mode & 0o777) == 0o755
+    for root, dirs, files in os.walk(checkpoint):
+        for name in dirs:
+            assert (os.stat(os.path.join(root, name)).st_mode & 0o777) == 0o755, name
+        for name in files:
+            assert (os.stat(os.path.join(root, name)).st_mode & 0o777) == 0o644, name
 
 
 def test_loss_falls_and_is_logged(tmp_path):
@@ -183,9 +328,22 @@ def test_latest_checkpoint_skips_incomplete_directories(tmp_path):
     assert latest_checkpoint(str(tmp_path)) == os.path.join(str(tmp_path), "checkpoint-10")
 
 
-def test_bad_training_arguments():
-    with pytest.raises(ValueError, match="--accumulation_steps must be >= 1"):
-        TrainArgs("out", accumulation_steps=0)
+# each flag's bad value, and the one line that says so
+@pytest.mark.parametrize("flags,message", [
+    (dict(accumulation_steps=0), "--accumulation_steps must be an integer >= 1, got 0"),
+    (dict(save_total_limit=0), "--save_total_limit must be > 0 when given, got 0"),
+    (dict(eval_steps=-1), "--eval_steps must be an integer >= 0, got -1"),
+    (dict(warmup_ratio=1.5), r"--warmup_ratio must be in \[0, 1\), got 1.5"),
+    (dict(warmup_ratio=0.1, warmup_steps=5), "give --warmup_steps or --warmup_ratio, not both"),
+    (dict(torch_dtype="int8"), "--torch_dtype: expected one of \\['bf16', 'fp16', 'fp32'\\], got 'int8'"),
+    (dict(gradient_checkpointing="sometimes"), "--gradient_checkpointing: expected one of"),
+])
+def test_bad_training_arguments(flags, message):
+    with pytest.raises(ValueError, match=f"^{message}"):
+        TrainArgs("out", **flags)
+
+
+def test_steps_an_epoch_gives():
     with pytest.raises(ValueError, match="fewer than one optimizer step"):
         TrainArgs("out", batch_size=4, accumulation_steps=8).total_steps(num_rows=5)
     assert TrainArgs("out", num_epochs=2, batch_size=4, accumulation_steps=2).total_steps(num_rows=10) == 3

@@ -6,25 +6,29 @@ setup(
     description="Triton-kernel accelerated hierarchical mixture of LoRA experts (HMoRA) for transformers models",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.9",
+    # Version policy: every lower bound is the version CI tests in constraints/oldest.txt (Python: the one CI runs);
+    # an upper bound only where a major version is untested. constraints/tested.txt holds the exact versions the
+    # whole suite passed with.
+    python_requires=">=3.11",
     packages=find_packages(include=["hmora", "hmora.*", "hmora_kernels", "hmora_kernels.*", "benchmarks", "benchmarks.*"]),
     install_requires=[
-        # torch is pinned by the installer, not here: an unpinned torch pulls a multi-GB CUDA build on CPU machines
-        "torch>=2.4",
-        "triton>=3.1; platform_system == 'Linux'",
-        "transformers>=4.44",
-        "safetensors>=0.4",
-        "pyarrow>=14",
-        "tqdm>=4.60",
-        "numpy>=1.24",  # benchmarks: the interpreter's address sets
+        # torch: install it before or with hmora (README): an unpinned torch pulls a multi-GB CUDA build on CPU machines
+        "torch>=2.13",
+        "triton>=3.9; platform_system == 'Linux'",
+        "transformers>=4.44.2,<6",
+        "safetensors>=0.4.5",
+        "pyarrow>=14.0.2",
+        "tqdm>=4.66.5",
+        "numpy>=1.26.4",  # benchmarks: the interpreter's address sets
+        "packaging>=23.2",
     ],
     extras_require={
         # accelerate: transformers.Trainer needs it (tests/test_hmora_trainer.py); matplotlib and tensorboard: the
         # tests read back hmora-train's plot and event files
-        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "accelerate>=1.1", "matplotlib>=3.7",
-                 "tensorboard>=2.14"],
-        "plot": ["matplotlib>=3.7"],
-        "tensorboard": ["tensorboard>=2.14"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "accelerate>=1.1", "matplotlib>=3.8.4",
+                 "tensorboard>=2.16.2"],
+        "plot": ["matplotlib>=3.8.4"],
+        "tensorboard": ["tensorboard>=2.16.2"],
     },
     entry_points={
         "console_scripts": [

@@ -29,7 +29,7 @@ import torch
 from hmora_kernels import BACKENDS
 from hmora_kernels.dispatch import interpreter_enabled, resolve as resolve_backend
 
-from .config import LORA_SCALINGS, MODEL_FAMILIES, RENORMS, HMoRAConfig
+from .config import LORA_SCALINGS, MODEL_FAMILIES, POSITION_FREQUENCIES, RENORMS, HMoRAConfig
 from .data import (DEFAULT_MAX_LENGTH, TEMPLATES, PromptTemplate, encode_rows, load_rows, template_for,
                    truncation_warning)
 from .evaluation import Sampling, evaluate, generate_answers, routing_report_lines
@@ -52,7 +52,8 @@ TINY_TRAINING = dict(max_steps=500, num_epochs=10, batch_size=16, accumulation_s
 # HMoRAConfig fields that are not command-line flags: filled from the base model or family tables
 NOT_FLAGS = ("max_llm_layer", "hidden_size", "model_type", "padding_side", "task_token_id", "qkv_modules",
              "w_i_modules")
-FLAG_CHOICES = {"schedule_name": SCHEDULES, "lora_scaling": LORA_SCALINGS, "renorm": RENORMS, "backend": BACKENDS}
+FLAG_CHOICES = {"schedule_name": SCHEDULES, "lora_scaling": LORA_SCALINGS, "renorm": RENORMS, "backend": BACKENDS,
+                "position_frequencies": POSITION_FREQUENCIES}
 EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
 METHOD_FLAG_HELP = {
     "target_modules": "the linear layers to adapt, by the last part of their name (default: the model family's, "
@@ -90,6 +91,7 @@ METHOD_FLAG_HELP = {
     "trainable_encoder": "train the task encoder (--no-trainable_encoder freezes it)",
     "num_encoder_layer": "transformer layers of the task encoder",
     "num_encoder_heads": "attention heads of the task encoder (must divide the hidden size)",
+    "position_frequencies": "task-encoder sinusoid frequencies: the reference's fp32 formula, or correctly rounded",
     "task_token": "the token whose embedding starts the learned task token",
     "backend": "kernel implementation: auto (triton on CUDA, else torch), reference, torch or triton",
 }
@@ -122,7 +124,7 @@ def _add_dataclass_flags(group, cls, skip, helps: Dict[str, str]) -> None:
         if f.name in skip:
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kwargs = dict(default=argparse.SUPPRESS, help=f"{f.metadata.get('help') or helps[f.name]} (default {default})")
+        kwargs = dict(default=argparse.SUPPRESS, help=f"{f.metadata.get('help') or helps.get(f.name, '')} (default {default})")
         choices = f.metadata.get("choices") or FLAG_CHOICES.get(f.name)
         if "const" in f.metadata:
             kwargs.update(nargs="?", const=f.metadata["const"])

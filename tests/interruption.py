@@ -21,3 +21,21 @@ def run_interrupted_after(monkeypatch, checkpoint_name, run):
     with pytest.raises(Interrupted):
         run()
     monkeypatch.undo()
+
+
+def ctrl_c_during_step(monkeypatch, step):
+    """Make the `step`-th optimizer step send this process a SIGINT (as Ctrl-C would) before it updates."""
+    import os
+    import signal
+
+    import torch
+
+    original_step, calls = torch.optim.AdamW.step, []
+
+    def step_with_ctrl_c(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == step:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_with_ctrl_c)

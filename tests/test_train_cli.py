@@ -16,7 +16,7 @@ from safetensors.torch import load_file  # noqa: E402
 from hmora.cli import generate_main, train_main  # noqa: E402
 from hmora.plot import plot_main  # noqa: E402
 from hmora.tiny import build_tiny_tokenizer, synthetic_rows  # noqa: E402
-from interruption import run_interrupted_after  # noqa: E402
+from interruption import ctrl_c_during_step, run_interrupted_after  # noqa: E402
 
 FAST = ["--batch_size", "4", "--log_steps", "2", "--max_new_tokens", "4"]
 # the tiny default with a smaller evaluation (4 rows generated)
@@ -286,21 +286,11 @@ def test_truncated_training_state_on_resume_names_the_file(tmp_path, capsys):
 
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, capsys, monkeypatch):
-    import signal
-
     model, dataset = local_model(tmp_path, "qwen2"), jsonl(tmp_path, synthetic_rows(16, seed=5))
     out_dir = tmp_path / "run"
     flags = ["--model", model, "--dataset", dataset, "--output_dir", str(out_dir), *TINY_METHOD_FLAGS, *FAST,
              "--max_steps", "4"]
-    original_step, calls = torch.optim.AdamW.step, []
-
-    def ctrl_c_in_step_2(self, *a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-        return original_step(self, *a, **k)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", ctrl_c_in_step_2)
+    ctrl_c_during_step(monkeypatch, 2)
     assert train_main(flags) == 130
     monkeypatch.undo()
     assert capsys.readouterr().err.splitlines()[-1] == (

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from hmora.data import Example, collate, left_pad
 from hmora.optim import build_optimizer, build_scheduler
 from hmora.train import TrainArgs, TrainingInterrupted, latest_checkpoint, train, write_directory_atomically
-from interruption import run_interrupted_after
+from interruption import ctrl_c_during_step, run_interrupted_after
 
 VOCAB, HIDDEN, EXPERTS, PAD = 12, 8, 3, 0
 
@@ -236,16 +236,7 @@ def test_ctrl_c_saves_the_current_step_and_stops(tmp_path, monkeypatch):
     straight = stand_in(dropout=0.3)
     train(straight, examples(8), TrainArgs(str(tmp_path / "a"), **common), pad_id=PAD, log=quiet)
 
-    original_step = torch.optim.AdamW.step
-    calls = []
-
-    def ctrl_c_in_step_2(self, *a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-        return original_step(self, *a, **k)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", ctrl_c_in_step_2)
+    ctrl_c_during_step(monkeypatch, 2)
     lines = []
     with pytest.raises(TrainingInterrupted) as stop:
         train(stand_in(dropout=0.3), examples(8), TrainArgs(str(tmp_path / "b"), **common), pad_id=PAD,

@@ -4,6 +4,7 @@ import ast
 import json
 import math
 import os
+import sys
 
 import matplotlib
 
@@ -482,3 +483,10 @@ def test_every_flag_says_what_it_does(parser, capsys):
     for action in actions:
         text = (action.help or "").split(" (default")[0]
         assert len(text.split()) >= 3, action.option_strings  # more than a default
+
+
+def test_report_to_tensorboard_without_the_package(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard now raises ImportError
+    assert "--report_to tensorboard: the tensorboard package is not installed; pip install 'hmora[tensorboard]'" in \
+        error_of(capsys, train_main, ["--output_dir", str(tmp_path / "run"), "--report_to", "tensorboard"])
+    assert not os.path.exists(tmp_path / "run")

@@ -448,7 +448,7 @@ def test_generate_from_a_prompts_file_and_by_sampling(tmp_path, capsys):
 
     greedy = answers("--prompt", *sources)
     assert len(greedy) == 3
-    assert answers("--prompts_file", str(tmp_path / "prompts.txt"), "--batch_size", "2") == greedy
+    assert answers("--prompts_file", str(tmp_path / "prompts.txt"), "--batch_size", "2", "--threads", "1") == greedy
     assert answers("--prompts_file", str(tmp_path / "prompts.jsonl")) == greedy
     sampled = answers("--prompt", *sources, "--do_sample", "--temperature", "1.5", "--top_p", "0.9", "--seed", "3")
     assert sampled == answers("--prompt", *sources, "--do_sample", "--temperature", "1.5", "--top_p", "0.9",

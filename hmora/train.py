@@ -355,23 +355,27 @@ class MetricsLog:
     interrupted run wrote but did not save, so the file tells one history."""
 
     def __init__(self, output_dir: str, resume_step: Optional[int] = None, tensorboard: bool = False):
-        os.makedirs(output_dir, exist_ok=True)
+        self.output_dir, self.resume_step, self.tensorboard = output_dir, resume_step, tensorboard
         self.path = os.path.join(output_dir, METRICS_FILE)
-        kept = []
-        if resume_step is not None and os.path.isfile(self.path):
+        if resume_step is None:
+            if os.path.isfile(self.path):
+                os.remove(self.path)
+        elif os.path.isfile(self.path):
             with open(self.path, encoding="utf-8") as f:
                 kept = [line for line in f if line.strip() and _step_of(line) <= resume_step]
-        with open(self.path, "w", encoding="utf-8") as f:
-            f.writelines(kept)
-        self.file = open(self.path, "a", encoding="utf-8")
-        self.writer = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(os.path.join(output_dir, TENSORBOARD_DIR),
-                                        purge_step=None if resume_step is None else resume_step + 1)
+            with open(self.path, "w", encoding="utf-8") as f:
+                f.writelines(kept)
+        self.file = self.writer = None  # opened at the first record: a run that fails before its first step leaves none
 
     def write(self, record: Dict) -> None:
+        if self.file is None:
+            os.makedirs(self.output_dir, exist_ok=True)
+            self.file = open(self.path, "a", encoding="utf-8")
+            if self.tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(os.path.join(self.output_dir, TENSORBOARD_DIR),
+                                            purge_step=None if self.resume_step is None else self.resume_step + 1)
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.writer is not None:
@@ -381,7 +385,8 @@ class MetricsLog:
                     self.writer.add_scalar(tag, value, record["step"])
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         if self.writer is not None:
             self.writer.close()
 

@@ -338,3 +338,12 @@ def test_steps_an_epoch_gives():
     with pytest.raises(ValueError, match="fewer than one optimizer step"):
         TrainArgs("out", batch_size=4, accumulation_steps=8).total_steps(num_rows=5)
     assert TrainArgs("out", num_epochs=2, batch_size=4, accumulation_steps=2).total_steps(num_rows=10) == 3
+
+
+def test_a_run_that_fails_before_its_first_step_leaves_nothing(tmp_path):
+    model = stand_in()
+    model.forward = lambda **batch: (_ for _ in ()).throw(RuntimeError("out of memory"))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        train(model, examples(4), TrainArgs(str(tmp_path / "run"), max_steps=2), pad_id=PAD, log=quiet,
+              tensorboard=True)
+    assert not os.path.exists(tmp_path / "run")  # no metrics.jsonl or tensorboard/ to pass for a run

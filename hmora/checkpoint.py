@@ -51,7 +51,7 @@ def save_adapter(model, directory) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config_json = model.hmora_config.to_json_string()
-    tensors = {name: p.detach().to("cpu").contiguous() for name, p in model.adapter_named_parameters().items()}
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.adapter_state_tensors().items()}
     metadata = {"format": "pt", CONFIG_METADATA_KEY: config_json}
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config_json + "\n", encoding="utf-8"))

@@ -2,7 +2,8 @@
 
 The reference's `config.json` loads as it is (`HMoRAConfig.from_dict`). Options of our own:
 `lora_scaling`, `renorm`, `label_smoothing`, `backend`, `num_encoder_heads`, `position_frequencies`, `qkv_modules`,
-`w_i_modules`.
+`w_i_modules`, and the routing variants of the MoE-LoRA family (`routing_variant` and the fields after it; README
+"Routing variants"; `ROUTING_RECIPES` holds each variant's published recipe).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import math
 from dataclasses import InitVar, dataclass
 from typing import Any, Dict, List, Optional
 
-from hmora_kernels import BACKENDS
+from hmora_kernels import BACKENDS, RankWise, Switch, TopP
 
 # Per model family: default target modules, the plain-LoRA ones (the paper's o/down and their BLOOM
 # counterparts), the q/k/v group and the gate/up group that may share a router. BLOOM's q, k, v is one fused
@@ -37,6 +38,23 @@ REFERENCE_ONLY_KEYS = ("peft_type", "torch_dtype", "use_rs_scaling")
 _ABSENT = object()
 
 LORA_SCALINGS = ("rslora", "standard")
+ROUTING_VARIANTS = ("mixlora", "switch", "top_p", "rank_wise")
+
+# Each variant's recipe from its authors' code, as HMoRAConfig field values (hmora-train --routing applies them
+# before the user's own flags). Every variant replaces HMoRA's auxiliary losses with its own.
+_VARIANT_COMMON = {"use_div_loss": False, "use_load_balancing_loss": False, "router_bias": False}
+ROUTING_RECIPES: Dict[str, Dict[str, Any]] = {
+    # MoE-PEFT / MixLoRA: top-k renormalised by sum, Linear(bias=False) ~ N(0, 0.02), Mixtral load balancing
+    "mixlora": {**_VARIANT_COMMON, "routing_variant": "mixlora", "top_k_routing_strategy": True, "renorm": "sum",
+                "router_init_std": 0.02},
+    # MoE-PEFT mixlora-switch (its README's init 0.02; the code default 1.0 saturates the softmax)
+    "switch": {**_VARIANT_COMMON, "routing_variant": "switch", "router_init_std": 0.02},
+    # DynMoLE: Linear(bias=False) with nn.Linear's default initialisation
+    "top_p": {**_VARIANT_COMMON, "routing_variant": "top_p"},
+    # SMoRA: 64 rank-1 experts (E * r = 8 * 8), 8 active, lora_alpha 16 (scale alpha / k = 2); token routing only
+    "rank_wise": {**_VARIANT_COMMON, "routing_variant": "rank_wise", "use_task_router": False,
+                  "use_hydra_lora": False, "lora_alpha": 16},
+}
 POSITION_FREQUENCIES = ("reference", "correctly_rounded")
 RENORMS = ("softmax", "sum")
 
@@ -96,6 +114,24 @@ class HMoRAConfig:
     qkv_modules: Optional[List[str]] = None
     w_i_modules: Optional[List[str]] = None
     backend: str = "auto"
+    # ---- routing variants (ours; README "Routing variants"). None: HMoRA's routing (SPEC 3.4) and losses (SPEC 4)
+    routing_variant: Optional[str] = None  # "mixlora" | "switch" | "top_p" | "rank_wise"
+    router_bias: bool = True              # every router Linear with a bias (SPEC 2.3); the variants' recipes: False
+    router_init_std: Optional[float] = None  # None: nn.Linear's default init; else weights ~ N(0, std)
+    router_jitter: float = 0.0            # token routers' input times U(1 - eps, 1 + eps) while training (Switch)
+    balance_loss_coef: float = 0.001      # mixlora / switch / top_p: E * sum_e f_e P_e
+    router_z_loss_coef: float = 0.001     # switch: mean logsumexp(logits)^2
+    expert_capacity: Optional[int] = None  # switch; None: ceil(capacity_factor * max_sequence_length / E)
+    capacity_factor: float = 1.25         # switch
+    max_sequence_length: int = 1024       # switch: the capacity's sequence length (the recipe's max length)
+    top_p: float = 0.75                   # top_p (DynMoLE)
+    keep_top_k: int = 2                   # top_p
+    entropy_threshold: float = 0.9        # top_p: every expert above it (>= 1: never)
+    entropy_index: float = 1.1            # top_p: Tsallis q (1: Shannon)
+    entropy_eps: float = 1e-5             # top_p
+    entropy_loss_coef: float = 0.01       # top_p: mean normalised Tsallis entropy
+    rank_top_k: int = 8                   # rank_wise: active rank-1 experts of the E * r
+    bias_update_rate: float = 1e-5        # rank_wise: selection-bias step per optimizer step
     # the reference config.json's own keys: accepted only to say how to load such a file
     peft_type: InitVar[Any] = _ABSENT
     torch_dtype: InitVar[Any] = _ABSENT
@@ -157,6 +193,7 @@ class HMoRAConfig:
             fail("backend", f"one of {BACKENDS}")
         if self.padding_side != "left":
             fail("padding_side", "'left' (the task encoder right-aligns positions)")
+        self._validate_routing_variant(fail)
         if self.max_llm_layer is not None and (not isinstance(self.max_llm_layer, int) or self.max_llm_layer < 0):
             fail("max_llm_layer", "None or an integer >= 0 (the index of the last decoder layer)")
         for name in FAMILY_FIELDS:
@@ -172,6 +209,57 @@ class HMoRAConfig:
                 raise ValueError(f"HMoRAConfig.target_modules_lora: {stray} are not in target_modules "
                                  f"{self.target_modules}; add them there or remove them")
 
+    def _validate_routing_variant(self, fail) -> None:
+        def number(name, ok, expected):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                    and ok(value)):
+                fail(name, expected)
+
+        def integer(name, low, high=None):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= low
+                    and (high is None or value <= high)):
+                fail(name, f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]")
+
+        variant = self.routing_variant
+        if variant is not None and variant not in ROUTING_VARIANTS:
+            fail("routing_variant", f"None (HMoRA's routing) or one of {ROUTING_VARIANTS}")
+        if not isinstance(self.router_bias, bool):
+            fail("router_bias", "True or False")
+        if self.router_init_std is not None:
+            number("router_init_std", lambda v: v > 0, "None (nn.Linear's init) or a standard deviation > 0")
+        number("router_jitter", lambda v: 0 <= v < 1, "a value in [0, 1)")
+        for name in ("balance_loss_coef", "router_z_loss_coef", "entropy_loss_coef", "bias_update_rate"):
+            number(name, lambda v: v >= 0, "a finite number >= 0")
+        if self.expert_capacity is not None:
+            integer("expert_capacity", 1)
+        number("capacity_factor", lambda v: v > 0, "a number > 0 (1.0, 1.25 and 2.0 are common)")
+        integer("max_sequence_length", 1)
+        number("top_p", lambda v: 0 < v <= 1, "a value in (0, 1]")
+        number("entropy_threshold", lambda v: v > 0, "a number > 0 (>= 1 turns the all-experts broadcast off)")
+        number("entropy_index", lambda v: 0 < v <= 2, "a Tsallis index q in (0, 2] (1: Shannon)")
+        number("entropy_eps", lambda v: v >= 0, "a number >= 0")
+        if variant is None:
+            return
+        for flag in ("use_div_loss", "use_load_balancing_loss"):
+            if getattr(self, flag):
+                raise ValueError(f"HMoRAConfig: routing_variant={variant!r} brings its own auxiliary loss; set "
+                                 f"{flag}=False (or start from ROUTING_RECIPES[{variant!r}])")
+        if variant == "mixlora" and not (self.top_k_routing_strategy and self.renorm == "sum"):
+            raise ValueError("HMoRAConfig: routing_variant='mixlora' is top-k renormalised by sum; set "
+                             "top_k_routing_strategy=True and renorm='sum'")
+        if variant == "top_p":
+            integer("keep_top_k", 1, self.num_experts)
+        if variant == "rank_wise":
+            integer("rank_top_k", 1, self.num_experts * self.lora_r)
+            if self.use_hydra_lora:
+                raise ValueError("HMoRAConfig: routing_variant='rank_wise' makes every rank an expert of its own A "
+                                 "row; a Hydra A shared by all experts would make them one: set use_hydra_lora=False")
+            if self.use_task_router:
+                raise ValueError("HMoRAConfig: routing_variant='rank_wise' routes on sigmoid scores, which do not "
+                                 "mix with task-router probabilities: set use_task_router=False (token routing only)")
+
     # ---- derived values ---------------------------------------------------------------------------------
     @property
     def scaling(self) -> float:
@@ -181,7 +269,37 @@ class HMoRAConfig:
 
     @property
     def gate_top_k(self) -> Optional[int]:
+        """The default rule's k (None: soft routing); the variants other than mixlora choose experts themselves."""
+        if self.routing_variant not in (None, "mixlora"):
+            return None
         return self.top_k if self.top_k_routing_strategy else None
+
+    @property
+    def router_experts(self) -> int:
+        """Outputs of each router: E, or E * r rank-1 experts under rank_wise."""
+        return self.num_experts * self.lora_r if self.routing_variant == "rank_wise" else self.num_experts
+
+    @property
+    def routed_scaling(self) -> float:
+        """The routed layers' s: `scaling`, or lora_alpha / rank_top_k under rank_wise (SMoRA: gates sum to k)."""
+        return self.lora_alpha / self.rank_top_k if self.routing_variant == "rank_wise" else self.scaling
+
+    def capacity(self, num_experts: int) -> int:
+        """Switch's expert capacity: expert_capacity, or ceil(capacity_factor * max_sequence_length / E)."""
+        if self.expert_capacity is not None:
+            return self.expert_capacity
+        return math.ceil(self.capacity_factor * self.max_sequence_length / num_experts)
+
+    def routing_rule(self, kind: str):
+        """The hmora_kernels routing rule of a router of `kind` ('token', 'hybrid', 'task'); None: SPEC 3.4."""
+        variant = self.routing_variant
+        if variant == "switch":  # task-only: every token of a sequence has the same expert, so no capacity
+            return Switch(None if kind == "task" else self.capacity(self.num_experts))
+        if variant == "top_p":
+            return TopP(self.top_p, self.keep_top_k, self.entropy_threshold, self.entropy_index, self.entropy_eps)
+        if variant == "rank_wise":
+            return RankWise(self.rank_top_k)
+        return None
 
     def layer_kind(self, layer: int) -> str:
         """'token', 'hybrid' or 'task' for decoder layer `layer` (SPEC 3.3)."""

@@ -13,6 +13,7 @@ loop).
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -29,8 +30,8 @@ def in_backward() -> bool:
 
 class ForwardContext:
     """task_reprs: {ROUTING_TASK: (B, d), LOSS_TASK: (N, d)}, each optional. `loss_terms`: name -> function of one
-    router's value giving its term of an auxiliary loss ("token": (p_tok, gates) -> loss with this forward's mask;
-    "task": p_task -> loss), used to recompute the terms under reentrant checkpointing."""
+    router's value giving its term of an auxiliary loss ("token": (logits, p_tok, gates) -> loss with this forward's
+    mask; "task": p_task -> loss), used to recompute the terms under reentrant checkpointing."""
 
     def __init__(self, task_reprs: Optional[Dict[str, torch.Tensor]] = None, record: bool = False,
                  attention_mask: Optional[torch.Tensor] = None,
@@ -46,6 +47,7 @@ class ForwardContext:
         self.loss_grad_scales: Dict[str, torch.Tensor] = {}
         # group owner name -> (the shared input tensor, {member index: output not yet handed out})
         self.pending: Dict[str, Tuple[torch.Tensor, Dict[int, torch.Tensor]]] = {}
+        self.logits: Dict[str, torch.Tensor] = {}
         self.p_tok: Dict[str, torch.Tensor] = {}
         self.gates: Dict[str, torch.Tensor] = {}
         self.task_probs: Dict[str, torch.Tensor] = {}
@@ -71,6 +73,22 @@ class ForwardContext:
             probs = probs.repeat_interleave(batch // probs.shape[0], dim=0)
         return probs
 
+    def token_mask(self, owner: str, lead: Tuple[int, ...], device) -> torch.Tensor:
+        """(batch, seq_len) real-token mask of a layer input of leading shape `lead` = (batch, seq_len): the last
+        seq_len columns of this forward's 2-D attention mask (a cached generation step feeds only its new tokens),
+        repeated per sequence when generation expanded the batch; all ones without such a mask."""
+        rows, length = (lead[0], lead[1]) if len(lead) == 2 else (1, math.prod(lead))
+        mask = self.attention_mask
+        if len(lead) != 2 or mask is None or mask.dim() != 2 or mask.shape[1] < length:
+            return torch.ones(rows, length, dtype=torch.bool, device=device)
+        mask = mask[:, -length:]
+        if mask.shape[0] != rows:
+            if rows % mask.shape[0]:
+                raise ValueError(f"{owner}: the attention mask has {mask.shape[0]} rows but the layer input has "
+                                 f"{rows} sequences; pass one attention_mask row per input_ids row")
+            mask = mask.repeat_interleave(rows // mask.shape[0], dim=0)
+        return mask.to(device) != 0
+
     def take_pending(self, owner: str, x: torch.Tensor, member: int) -> Optional[torch.Tensor]:
         """The output the group computed for `member` on this very input tensor, if it is waiting."""
         entry = self.pending.get(owner)
@@ -90,12 +108,12 @@ class ForwardContext:
         """True inside the recomputation of a layer that reentrant checkpointing ran under no_grad."""
         return self.layers_without_grad and not self.recording and torch.is_grad_enabled()
 
-    def record(self, owner: str, p_tok: Optional[torch.Tensor], gates: torch.Tensor,
+    def record(self, owner: str, logits: Optional[torch.Tensor], p_tok: Optional[torch.Tensor], gates: torch.Tensor,
                task_probs: Optional[torch.Tensor], loss_task_probs: Optional[torch.Tensor]) -> None:
         if not self.recording:
             return
         self.layers_without_grad |= not torch.is_grad_enabled()
-        for table, value in ((self.p_tok, p_tok), (self.task_probs, task_probs),
+        for table, value in ((self.logits, logits), (self.p_tok, p_tok), (self.task_probs, task_probs),
                              (self.loss_task_probs, loss_task_probs)):
             if value is not None:
                 table[owner] = value
@@ -106,7 +124,7 @@ class ForwardContext:
         (the forward has put them into its output)."""
         self.active = self.recording = False
         self.pending = {}
-        self.p_tok, self.gates, self.task_probs, self.loss_task_probs = {}, {}, {}, {}
+        self.logits, self.p_tok, self.gates, self.task_probs, self.loss_task_probs = {}, {}, {}, {}, {}
 
 
 class RoutingState:

@@ -92,8 +92,10 @@ def inject(base_model: nn.Module, config: HMoRAConfig, state: RoutingState, task
         layer = _layer_index(names[0])
         kind = config.layer_kind(layer)
         owner_base = base_model.get_submodule(names[0])
-        router = Router(kind, owner_base.in_features, task_dim, config.num_experts, config.num_router_mlp_layers,
-                        config.router_hidden_dim, config.alpha_raw(layer), device=owner_base.weight.device)
+        router = Router(kind, owner_base.in_features, task_dim, config.router_experts, config.num_router_mlp_layers,
+                        config.router_hidden_dim, config.alpha_raw(layer), device=owner_base.weight.device,
+                        bias=config.router_bias, init_std=config.router_init_std, jitter=config.router_jitter,
+                        selection_bias=config.routing_variant == "rank_wise")
         members = []
         for i, name in enumerate(names):
             member = ExpertLinear(base_model.get_submodule(name), config, router if i == 0 else None)

@@ -12,9 +12,10 @@ import torch
 from torch import nn
 
 import hmora_kernels
+from hmora_kernels import RankWise
 
 from .config import HMoRAConfig
-from .context import LOSS_TASK, ROUTING_TASK, ForwardContext, RoutingState
+from .context import LOSS_TASK, ROUTING_TASK, ForwardContext, RoutingState, in_backward
 from .reentrant import inject, sink
 from .routers import Router
 
@@ -93,6 +94,7 @@ class ExpertLinear(AdapterLinear):
     def __init__(self, base_layer: nn.Linear, config: HMoRAConfig, router: Optional[Router] = None):
         r, experts = config.lora_r, config.num_experts
         super().__init__(base_layer, r if config.use_hydra_lora else experts * r, experts * r, config)
+        self.scaling = config.routed_scaling
         if router is not None:
             self.router = router
         self.group: Optional[RoutedGroup] = None  # a plain object: no module registered twice
@@ -114,7 +116,10 @@ class RoutedGroup:
         self.members = members
         self.top_k = config.gate_top_k
         self.renorm = config.renorm
+        self.rule = config.routing_rule(members[0].router.kind)
         self.state = state
+        # rank-wise routing: real tokens per expert since the last `take_selection_counts` (training forwards only)
+        self.selection_counts: Optional[torch.Tensor] = None
         for index, member in enumerate(members):
             member.group, member.member_index = self, index
 
@@ -152,21 +157,40 @@ class RoutedGroup:
             **router.token_args(flat, p, seed),
             task_probs=None if task_probs is None else context.per_token_rows(self.name, task_probs, lead[0]),
             alpha=router.alpha if router.kind == "hybrid" else None, kind=router.kind, top_k=self.top_k,
-            renorm=self.renorm, dropout_p=p, seed=seed, bases=bases, backend=owner.backend,
+            renorm=self.renorm, dropout_p=p, seed=seed, bases=bases, rule=self.rule,
+            token_mask=None if self.rule is None else context.token_mask(self.name, lead, flat.device),
+            selection_bias=getattr(router, "selection_bias", None), backend=owner.backend,
         )
+        if isinstance(self.rule, RankWise) and owner.training and not (recompute or in_backward()):
+            self._count_selections(result.kept_counts)
         experts = result.gates.shape[-1]
-        p_tok = None if result.p_tok is None else result.p_tok.view(*lead, experts)
+        logits, p_tok = (None if t is None else t.view(*lead, experts) for t in (result.logits, result.p_tok))
         gates = result.gates.view(*lead, experts)
-        context.record(self.name, p_tok, gates, task_probs, loss_task_probs)
+        context.record(self.name, logits, p_tok, gates, task_probs, loss_task_probs)
         outputs = [out.view(*lead, -1) for out in result.outputs]
         if recompute:  # the auxiliary losses' terms of this group, recomputed with gradients (hmora.reentrant)
             terms = context.loss_terms
             if p_tok is not None and "token" in terms:
-                outputs[0] = inject(outputs[0], terms["token"](p_tok, gates), context, "token")
+                outputs[0] = inject(outputs[0], terms["token"](logits, p_tok, gates), context, "token")
             task_loss_probs = task_probs if loss_task_probs is None else loss_task_probs
             if task_loss_probs is not None and "task" in terms:
                 outputs[0] = inject(outputs[0], terms["task"](task_loss_probs), context, "task")
         return outputs
+
+    def _count_selections(self, counts: torch.Tensor) -> None:
+        """Adds a training forward's selections to the counts of the next selection-bias update (recomputations
+        under activation checkpointing are not counted: they repeat a forward that was)."""
+        with torch.no_grad():
+            self.selection_counts = counts if self.selection_counts is None else self.selection_counts + counts
+
+    def take_selection_counts(self) -> torch.Tensor:
+        """(E,) int64 real tokens per expert since the last call (zeros if none), and start counting afresh."""
+        counts = self.selection_counts
+        self.selection_counts = None
+        if counts is None:
+            bias = self.router.selection_bias
+            counts = torch.zeros(bias.shape, dtype=torch.int64, device=bias.device)
+        return counts
 
     def _task_probs(self, context: ForwardContext, which: str, dropout_p: float, recompute: bool):
         """This group's task-router probabilities (num_sequences, E) of the context's task representation

@@ -11,6 +11,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 import hmora_kernels
+from hmora_kernels import RankWise
 
 from .config import HMoRAConfig
 from .context import LOSS_TASK, ROUTING_TASK, ForwardContext, RoutingState
@@ -26,9 +27,13 @@ B_MATRIX_SUFFIX = "lora_B"
 
 @dataclass
 class HMoRAOutput(ModelOutput):
-    """loss = lambda_lm * ce_loss + lambda_auxiliary * (aux_loss + task_aux_loss) (None without labels).
+    """loss = lambda_lm * ce_loss + lambda_auxiliary * (aux_loss + task_aux_loss) (None without labels); under a
+    routing variant loss = lambda_lm * ce_loss + aux_loss (its task routers have no loss).
 
-    aux_loss: unweighted sum of the token-router losses (GJS or load balancing), each shared router once.
+    aux_loss: unweighted sum of the token-router losses (GJS or load balancing), each shared router once. Under a
+    routing variant: the mean over token routers of the variant's losses, each weighted by its own coefficient
+    (balance_loss_coef, router_z_loss_coef, entropy_loss_coef); aux_loss_terms: name ("balance", "z", "entropy")
+    -> that loss unweighted, mean over the token routers, for logs.
     task_aux_loss: unweighted sum of the task-router losses (GJS over a batch of task weights), over this batch's
     sequences or the sources given as `task_loss_input_ids`; None without task routers or with
     `with_task_loss=False`.
@@ -41,6 +46,7 @@ class HMoRAOutput(ModelOutput):
     logits: Optional[torch.Tensor] = None
     ce_loss: Optional[torch.Tensor] = None
     aux_loss: Optional[torch.Tensor] = None
+    aux_loss_terms: Optional[Dict[str, torch.Tensor]] = None
     task_aux_loss: Optional[torch.Tensor] = None
     task_repr: Optional[torch.Tensor] = None
     router_probs: Optional[Dict[str, torch.Tensor]] = None
@@ -189,12 +195,25 @@ class HMoRAModel(nn.Module):
                 named[name[len("base_model."):] if name.startswith("base_model.") else name] = param
         return named
 
+    def adapter_named_buffers(self) -> Dict[str, torch.Tensor]:
+        """The adapter's non-parameter state, named as `adapter_named_parameters`: rank-wise routing's
+        `<owner>.router.selection_bias`."""
+        named = {}
+        for name, buffer in self.base_model.named_buffers():
+            if name.rpartition(".")[2] == "selection_bias":
+                named[name] = buffer
+        return named
+
+    def adapter_state_tensors(self) -> Dict[str, torch.Tensor]:
+        """What a checkpoint stores: every adapter parameter and buffer, by name."""
+        return {**self.adapter_named_parameters(), **self.adapter_named_buffers()}
+
     def load_adapter_state_dict(self, state: Dict[str, torch.Tensor], source: str = "the checkpoint") -> None:
         """Copy adapter tensors in; every name and shape must match (errors name what does not fit).
 
         A scalar `router.alpha` (the reference's checkpoints, ours before alpha became 1-D for FSDP2) loads into
         the (1,) parameter."""
-        params = self.adapter_named_parameters()
+        params = self.adapter_state_tensors()
         state = {n: t.reshape(1) if t.dim() == 0 and n in params and tuple(params[n].shape) == (1,) else t
                  for n, t in state.items()}
         missing = sorted(set(params) - set(state))
@@ -248,12 +267,56 @@ class HMoRAModel(nn.Module):
         return {g.name: g.router.task_probs(task_repr, p) for g in self._groups if g.router.kind != "token"}
 
     # ---- losses -----------------------------------------------------------------------------------------
-    def router_aux_loss(self, p_tok: torch.Tensor, gates: torch.Tensor, attention_mask=None) -> torch.Tensor:
-        """One token router's auxiliary loss on p_tok (B, S, E) over attended tokens: GJS or load balancing.
+    @property
+    def num_token_routers(self) -> int:
+        """Routers with a token side (task-only layers have none), each shared router once."""
+        return sum(group.router.kind != "task" for group in self._groups)
+
+    def variant_loss_terms(self, logits: torch.Tensor, attention_mask=None) -> Dict[str, torch.Tensor]:
+        """One token router's routing-variant losses, unweighted, on its logits (B, S, E) over attended tokens.
+
+        Each recomputes its selection from the token router's own p_tok = softmax(logits), as the authors' code
+        does: "balance" E * sum_e f_e P_e (P the mean p_tok; f the fraction of tokens whose top-k (mixlora) or
+        top-1 (switch, before the capacity drops) is e, or DynMoLE's mean gate value (top_p)); "z" (switch) the mean
+        logsumexp(logits)^2; "entropy" (top_p) the mean normalised Tsallis entropy of p_tok. rank_wise: none."""
+        config = self.hmora_config
+        variant = config.routing_variant
+        if variant == "rank_wise":
+            return {}
+        mask = torch.ones(logits.shape[:-1], device=logits.device) if attention_mask is None else attention_mask
+        flat = logits.reshape(-1, logits.shape[-1])
+        p_tok, gates = hmora_kernels.route(
+            flat, top_k={"mixlora": config.top_k, "switch": 1}.get(variant), renorm="sum",
+            rule=config.routing_rule("token") if variant == "top_p" else None, backend=config.backend)
+        p_tok, gates = p_tok.view(logits.shape), gates.view(logits.shape)
+        frequencies = "gate_values" if variant == "top_p" else "selected"
+        terms = {"balance": hmora_kernels.load_balancing_loss(p_tok, gates, 1, mask, frequencies=frequencies,
+                                                              backend=config.backend)}
+        if variant == "switch":
+            terms["z"] = hmora_kernels.router_z_loss(logits, mask, backend=config.backend)
+        if variant == "top_p":
+            terms["entropy"] = hmora_kernels.entropy_loss(p_tok, config.entropy_index, config.entropy_eps, mask,
+                                                          backend=config.backend)
+        return terms
+
+    def variant_loss_weights(self) -> Dict[str, float]:
+        config = self.hmora_config
+        return {"balance": config.balance_loss_coef, "z": config.router_z_loss_coef,
+                "entropy": config.entropy_loss_coef}
+
+    def router_aux_loss(self, logits: Optional[torch.Tensor], p_tok: torch.Tensor, gates: torch.Tensor,
+                        attention_mask=None) -> torch.Tensor:
+        """One token router's term of `aux_loss`, on its logits / p_tok / final gates (B, S, E) over attended tokens:
+        GJS or load balancing, or under a routing variant its weighted losses over the number of token routers.
 
         Load balancing divides the expert frequencies by the config's `top_k` even under soft routing, as the
         reference does (SPEC 4)."""
         config = self.hmora_config
+        if config.routing_variant is not None:
+            weights = self.variant_loss_weights()
+            terms = self.variant_loss_terms(logits, attention_mask)
+            return sum((weights[name] * term for name, term in terms.items()), p_tok.new_zeros(())) \
+                / self.num_token_routers
         mask = torch.ones(p_tok.shape[:-1], device=p_tok.device) if attention_mask is None else attention_mask
         if config.use_div_loss:
             return hmora_kernels.gjs_loss(p_tok, config.gamma_div_certain_t, config.gamma_div_balance_t, mask,
@@ -270,12 +333,23 @@ class HMoRAModel(nn.Module):
         return hmora_kernels.gjs_loss(p_task, config.gamma_div_certain_s, config.gamma_div_balance_s,
                                       backend=config.backend)
 
-    def token_aux_loss(self, router_probs, router_gates, attention_mask) -> torch.Tensor:
-        """Unweighted sum of `router_aux_loss` over the token routers (task-only layers have none)."""
+    def token_aux_loss(self, router_logits, router_probs, router_gates, attention_mask) -> torch.Tensor:
+        """Sum of `router_aux_loss` over the token routers (task-only layers have none)."""
         total = torch.zeros((), device=self.device)
         for name, p_tok in router_probs.items():
-            total = total + self.router_aux_loss(p_tok, router_gates[name], attention_mask)
+            total = total + self.router_aux_loss(router_logits.get(name), p_tok, router_gates[name], attention_mask)
         return total
+
+    def variant_loss_means(self, router_logits, attention_mask) -> Optional[Dict[str, torch.Tensor]]:
+        """The unweighted variant losses, each a mean over the token routers, detached (None without a variant)."""
+        if self.hmora_config.routing_variant is None:
+            return None
+        sums: Dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for logits in router_logits.values():
+                for name, term in self.variant_loss_terms(logits, attention_mask).items():
+                    sums[name] = sums.get(name, 0) + term
+        return {name: total / len(router_logits) for name, total in sums.items()}
 
     def task_routers_loss(self, task_probs: Dict[str, torch.Tensor]) -> torch.Tensor:
         """Unweighted sum of `task_router_loss` over the task routers."""
@@ -291,6 +365,33 @@ class HMoRAModel(nn.Module):
         probs = self.task_router_probs(self.task_representation(task_input_ids=task_input_ids,
                                                                 task_attention_mask=task_attention_mask))
         return self.hmora_config.lambda_auxiliary * self.task_routers_loss(probs)
+
+    # ---- rank-wise routing's selection bias ----------------------------------------------------------------
+    def update_routing_bias(self, process_group=None) -> Dict[str, torch.Tensor]:
+        """Rank-wise routing (SMoRA's loss-free balancing), once per optimizer step, on every data-parallel rank:
+        b_i += bias_update_rate * sign(mean(c) - c_i) for each router, c (E * r,) the real tokens that selected each
+        rank-1 expert in the training forwards since the last call (the accumulation window; activation-checkpoint
+        recomputations not counted), summed over the ranks of `process_group` (torch.distributed's default group
+        when it is initialised), so every rank applies the same update. Returns the summed counts by router
+        owner name ({} without rank-wise routing). `register_routing_bias_update(optimizer)` calls it for you."""
+        groups = [group for group in self._groups if isinstance(group.rule, RankWise)]
+        if not groups:
+            return {}
+        counts = torch.stack([group.take_selection_counts() for group in groups])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(counts, group=process_group)
+        rate = self.hmora_config.bias_update_rate
+        with torch.no_grad():
+            for group, count in zip(groups, counts):
+                count = count.to(torch.float64)
+                bias = group.router.selection_bias
+                bias += (rate * torch.sign(count.mean() - count)).to(bias.dtype)
+        return {group.name: count for group, count in zip(groups, counts)}
+
+    def register_routing_bias_update(self, optimizer: torch.optim.Optimizer):
+        """Calls `update_routing_bias` after every `optimizer.step()` (e.g. the torch optimizer inside HF Trainer's
+        or accelerate's wrapper, which steps it once per accumulation window). Returns the hook's handle."""
+        return optimizer.register_step_post_hook(lambda *_: self.update_routing_bias())
 
     # ---- forward / generate -----------------------------------------------------------------------------
     def forward(self, input_ids=None, attention_mask=None, labels=None, task_input_ids=None,
@@ -318,7 +419,7 @@ class HMoRAModel(nn.Module):
         if task_loss_input_ids is not None and with_task_loss:
             loss_task_repr = self.task_representation(task_input_ids=task_loss_input_ids,
                                                       task_attention_mask=task_loss_attention_mask)
-        loss_terms = {"token": lambda p_tok, gates: self.router_aux_loss(p_tok, gates, attention_mask)}
+        loss_terms = {"token": lambda logits, p_tok, gates: self.router_aux_loss(logits, p_tok, gates, attention_mask)}
         if with_task_loss:
             loss_terms["task"] = self.task_router_loss
         task_reprs = {ROUTING_TASK: task_repr, LOSS_TASK: loss_task_repr}
@@ -335,14 +436,15 @@ class HMoRAModel(nn.Module):
         self._routing.install(context)  # stays installed for checkpoint recomputation (see hmora.context)
         try:
             out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-            router_probs, router_gates, task_probs = context.p_tok, context.gates, context.task_probs
+            router_logits, router_probs, router_gates = context.logits, context.p_tok, context.gates
+            task_probs = context.task_probs
             loss_task_probs = context.loss_task_probs if loss_task_repr is not None else task_probs
             layers_without_grad = context.layers_without_grad
         finally:
             context.finish()
         config = self.hmora_config
         taps = layers_without_grad and torch.is_grad_enabled()
-        aux_loss = self.token_aux_loss(router_probs, router_gates, attention_mask)
+        aux_loss = self.token_aux_loss(router_logits, router_probs, router_gates, attention_mask)
         aux_loss = tap(aux_loss, context, "token") if taps else aux_loss
         task_aux_loss = self.task_routers_loss(loss_task_probs) if with_task_loss else None
         if task_aux_loss is not None and taps:
@@ -352,10 +454,14 @@ class HMoRAModel(nn.Module):
             logits = out.logits[:, :-1].float()
             ce_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                                       ignore_index=IGNORE_INDEX, label_smoothing=config.label_smoothing)
-            aux_total = aux_loss if task_aux_loss is None else aux_loss + task_aux_loss
-            loss = config.lambda_lm * ce_loss + config.lambda_auxiliary * aux_total
+            if config.routing_variant is None:
+                aux_total = aux_loss if task_aux_loss is None else aux_loss + task_aux_loss
+                loss = config.lambda_lm * ce_loss + config.lambda_auxiliary * aux_total
+            else:  # the variant's aux_loss carries its own weights; its task routers have no loss
+                loss = config.lambda_lm * ce_loss + aux_loss
         return HMoRAOutput.extending(
-            out, loss=loss, logits=out.logits, ce_loss=ce_loss, aux_loss=aux_loss, task_aux_loss=task_aux_loss,
+            out, loss=loss, logits=out.logits, ce_loss=ce_loss, aux_loss=aux_loss,
+            aux_loss_terms=self.variant_loss_means(router_logits, attention_mask), task_aux_loss=task_aux_loss,
             task_repr=task_repr, router_probs=router_probs, router_gates=router_gates, task_probs=task_probs,
         )
 
@@ -365,7 +471,7 @@ class HMoRAModel(nn.Module):
         """`base_model.generate` with routing: the task weights are computed once from `task_input_ids` (or
         from the whole attended prompt) and held for every generated token."""
         task_repr = self.task_representation(input_ids, attention_mask, None, task_input_ids, task_attention_mask)
-        previous = self._routing.install(ForwardContext({ROUTING_TASK: task_repr}))
+        previous = self._routing.install(ForwardContext({ROUTING_TASK: task_repr}, attention_mask=attention_mask))
         try:
             return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         finally:

@@ -4,11 +4,12 @@ Tensor ops only, no model knowledge. See `hmora_kernels.ops` for the math of eac
 """
 from .dispatch import BACKENDS, resolve as resolve_backend
 from .dropout import keep_mask, philox_uniform, stream_seed
-from .ops import gjs_loss, load_balancing_loss, lora, route, routed_group, router_z_loss
-from .reference import entropy
-from .types import GroupOutput
+from .ops import entropy_loss, gjs_loss, load_balancing_loss, lora, route, routed_group, router_z_loss
+from .reference import entropy, tsallis_entropy
+from .types import GroupOutput, RankWise, Switch, TopP
 
 __all__ = [
-    "BACKENDS", "GroupOutput", "entropy", "gjs_loss", "keep_mask", "load_balancing_loss", "lora", "philox_uniform",
-    "resolve_backend", "route", "routed_group", "router_z_loss", "stream_seed",
+    "BACKENDS", "GroupOutput", "RankWise", "Switch", "TopP", "entropy", "entropy_loss", "gjs_loss", "keep_mask",
+    "load_balancing_loss", "lora", "philox_uniform", "resolve_backend", "route", "routed_group", "router_z_loss",
+    "stream_seed", "tsallis_entropy",
 ]

@@ -1,10 +1,13 @@
 """Input validation shared by every public op: errors say what was expected, what came, and what to do."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
+
+from .types import ROUTING_RULES, RankWise, Switch, TopP
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 ROUTING_KINDS = ("token", "task", "hybrid")
@@ -102,6 +105,72 @@ def check_task_inputs(kind: str, num_tokens: int, num_experts: int, task_probs, 
             raise ValueError(f"kind='hybrid' needs alpha as a 1-element tensor (pre-sigmoid), got {got}")
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_number(name: str, value, ok: Callable[[float], bool], expected: str) -> None:
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and ok(value)):
+        raise ValueError(f"{name}: expected {expected}, got {value!r}")
+
+
+def check_entropy_args(entropy_index, entropy_eps, prefix: str = "") -> None:
+    _check_number(f"{prefix}entropy_index", entropy_index, lambda q: 0 < q <= 2,
+                  "a Tsallis index q in (0, 2] (1: Shannon)")
+    _check_number(f"{prefix}entropy_eps", entropy_eps, lambda eps: eps >= 0, "a number >= 0")
+
+
+def check_rule(rule, kind: str, top_k, num_experts: int, num_tokens: int, token_mask, selection_bias,
+               task_probs) -> None:
+    """The routing rule and its inputs: token_mask (num_sequences, seq_len) and RankWise's selection_bias (E,)."""
+    if token_mask is not None:
+        if not isinstance(token_mask, torch.Tensor) or token_mask.dim() != 2 or token_mask.numel() != num_tokens:
+            got = _shape(token_mask) if isinstance(token_mask, torch.Tensor) else type(token_mask).__name__
+            raise ValueError(f"token_mask: expected (num_sequences, seq_len) with num_sequences * seq_len = T = "
+                             f"{num_tokens} (1 = real token, 0 = padding), got {got}")
+        if token_mask.is_complex():
+            raise ValueError(f"token_mask: expected a bool, integer or float tensor, got {token_mask.dtype}")
+        if task_probs is not None and task_probs.shape[0] != token_mask.shape[0]:
+            raise ValueError(f"token_mask {_shape(token_mask)} and task_probs {_shape(task_probs)} must have one row "
+                             f"per sequence each")
+    if selection_bias is not None and not isinstance(rule, RankWise):
+        raise ValueError(f"selection_bias is an input of rule=RankWise(...) only, got it with rule={rule}; drop it")
+    if rule is None:
+        return
+    if not isinstance(rule, ROUTING_RULES):
+        raise ValueError(f"rule: expected None (soft or top-k routing) or one of Switch, TopP, RankWise from "
+                         f"hmora_kernels, got {rule!r}")
+    if top_k is not None:
+        raise ValueError(f"top_k={top_k!r} belongs to the default rule; rule={rule} picks its own experts: "
+                         f"pass top_k=None")
+    if isinstance(rule, Switch):
+        if rule.capacity is not None:
+            if not (_is_int(rule.capacity) and rule.capacity >= 1):
+                raise ValueError(f"Switch.capacity: expected None or an integer >= 1, got {rule.capacity!r}")
+            if token_mask is None:
+                raise ValueError("Switch(capacity=...) counts per sequence: give token_mask (num_sequences, "
+                                 "seq_len), 1 for real tokens, 0 for padding")
+    elif isinstance(rule, TopP):
+        _check_number("TopP.top_p", rule.top_p, lambda v: 0 < v <= 1, "a value in (0, 1]")
+        if not (_is_int(rule.keep_top_k) and 1 <= rule.keep_top_k <= num_experts):
+            raise ValueError(f"TopP.keep_top_k: expected an integer in [1, E = {num_experts}], "
+                             f"got {rule.keep_top_k!r}")
+        _check_number("TopP.entropy_threshold", rule.entropy_threshold, lambda v: v > 0,
+                      "a number > 0 (>= 1 turns the all-experts broadcast off)")
+        check_entropy_args(rule.entropy_index, rule.entropy_eps, "TopP.")
+    else:
+        if not (_is_int(rule.top_k) and 1 <= rule.top_k <= num_experts):
+            raise ValueError(f"RankWise.top_k: expected an integer in [1, E = {num_experts}], got {rule.top_k!r}")
+        if kind != "token":
+            raise ValueError(f"RankWise routes on sigmoid scores, which do not mix with task probabilities: "
+                             f"expected kind='token', got kind={kind!r}")
+        if selection_bias is None:
+            raise ValueError(f"RankWise needs selection_bias of shape (E = {num_experts},) (zeros to start), got None")
+        check_tensor("selection_bias", selection_bias, 1)
+        if selection_bias.shape[0] != num_experts:
+            raise ValueError(f"selection_bias {_shape(selection_bias)} must have E = {num_experts} entries")
+
+
 @dataclass(frozen=True)
 class GroupShape:
     """What a routed group's tensors imply: E experts of rank r, Hydra or not."""
@@ -113,7 +182,7 @@ class GroupShape:
 
 def check_routed_group(
     x, members_A: Sequence, members_B: Sequence, scaling, router_weight, router_bias, router_logits,
-    task_probs, alpha, kind, top_k, renorm, dropout_p, bases,
+    task_probs, alpha, kind, top_k, renorm, dropout_p, bases, rule=None, token_mask=None, selection_bias=None,
 ) -> GroupShape:
     check_tensor("x", x, 2)
     if len(members_A) < 1 or len(members_A) != len(members_B):
@@ -150,6 +219,7 @@ def check_routed_group(
         raise ValueError(f"number of experts E must be >= 1, got E = {num_experts}")
     check_routing_args(kind, top_k, renorm, num_experts)
     check_task_inputs(kind, x.shape[0], num_experts, task_probs, alpha)
+    check_rule(rule, kind, top_k, num_experts, x.shape[0], token_mask, selection_bias, task_probs)
 
     rank = None
     hydra = None
@@ -183,13 +253,16 @@ def check_routed_group(
         rank, hydra = r, member_hydra
         if bases is not None:
             check_base(f"bases[{m}]", bases[m], x, B.shape[0])
+    if hydra and isinstance(rule, RankWise):
+        raise ValueError("RankWise experts are ranks of one LoRA: give each member A (E*r, d_in), one row block per "
+                         "expert, not a Hydra A (r, d_in) shared by all")
     if bases is not None and len(bases) != len(members_A):
         raise ValueError(f"bases: expected one base output per member ({len(members_A)}), got {len(bases)}")
     check_scaling(scaling)
     check_dropout(dropout_p)
     check_same_device(
         x=x, router_weight=router_weight, router_bias=router_bias, router_logits=router_logits,
-        task_probs=task_probs, alpha=alpha,
+        task_probs=task_probs, alpha=alpha, token_mask=token_mask, selection_bias=selection_bias,
         **{f"members_A[{m}]": A for m, A in enumerate(members_A)},
         **{f"members_B[{m}]": B for m, B in enumerate(members_B)},
         **({f"bases[{m}]": b for m, b in enumerate(bases)} if bases is not None else {}),

@@ -1,13 +1,16 @@
 """Public ops: validate, pick a backend, call it. Every op has the same signature in every backend."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 
 from . import checks
 from .dispatch import module_for, resolve
-from .types import GroupOutput
+from .types import GroupOutput, RankWise, Switch, TopP
+
+RoutingRule = Union[Switch, TopP, RankWise]
+FREQUENCIES = ("selected", "gate_values")
 
 
 def lora(
@@ -27,18 +30,23 @@ def lora(
 def route(
     logits: Optional[torch.Tensor], *, task_probs: Optional[torch.Tensor] = None,
     alpha: Optional[torch.Tensor] = None, kind: str = "token", top_k: Optional[int] = None,
-    renorm: str = "softmax", num_tokens: Optional[int] = None, backend: str = "auto",
+    renorm: str = "softmax", num_tokens: Optional[int] = None, rule: Optional[RoutingRule] = None,
+    token_mask: Optional[torch.Tensor] = None, selection_bias: Optional[torch.Tensor] = None, backend: str = "auto",
 ):
     """(p_tok, gates) from router logits (T, E), in fp32.
 
     kind "token": p = softmax(logits); "task": p = task_probs broadcast to each sequence's tokens;
     "hybrid": p = (1 - sigmoid(alpha)) softmax(logits) + sigmoid(alpha) task_probs.
     task_probs (num_sequences, E): token t belongs to sequence t // (T / num_sequences).
-    top_k None: gates = p; else the top-k of p renormalised by softmax over the selected
+    rule None (SPEC 3.4): top_k None: gates = p; else the top-k of p renormalised by softmax over the selected
     probabilities (renorm "softmax", the reference implementation's rule) or by their sum ("sum").
     Selection, the same in every backend: experts ordered by p descending, NaN above every number, equal values
     (NaN and NaN too) by the lowest expert index; the first k. A row with a NaN gets NaN gates exactly at its
     selected experts (0 elsewhere).
+    rule Switch / TopP / RankWise (hmora_kernels.types; top_k must be None): that rule's gates, with the same order
+    among experts. token_mask (num_sequences, seq_len), tokens flattened sequence-major, 1 = real: Switch's capacity
+    counts the real tokens of each sequence. RankWise: p_tok are the sigmoid scores and selection_bias (E,) is
+    added to them for the selection and the gates (no gradient).
     For kind "task" logits may be None; then num_tokens gives T.
     """
     if logits is not None:
@@ -53,10 +61,12 @@ def route(
         num_experts, device = task_probs.shape[1], task_probs.device
     checks.check_routing_args(kind, top_k, renorm, num_experts)
     checks.check_task_inputs(kind, num_tokens, num_experts, task_probs, alpha)
-    checks.check_same_device(logits=logits, task_probs=task_probs, alpha=alpha)
+    checks.check_rule(rule, kind, top_k, num_experts, num_tokens, token_mask, selection_bias, task_probs)
+    checks.check_same_device(logits=logits, task_probs=task_probs, alpha=alpha, token_mask=token_mask,
+                             selection_bias=selection_bias)
     impl = module_for(resolve(backend, device))
     return impl.route(logits, task_probs=task_probs, alpha=alpha, kind=kind, top_k=top_k, renorm=renorm,
-                      num_tokens=num_tokens)
+                      num_tokens=num_tokens, rule=rule, token_mask=token_mask, selection_bias=selection_bias)
 
 
 def routed_group(
@@ -65,7 +75,8 @@ def routed_group(
     router_logits: Optional[torch.Tensor] = None, task_probs: Optional[torch.Tensor] = None,
     alpha: Optional[torch.Tensor] = None, kind: str = "token", top_k: Optional[int] = None,
     renorm: str = "softmax", dropout_p: float = 0.0, seed: int = 0,
-    bases: Optional[Sequence[torch.Tensor]] = None, backend: str = "auto",
+    bases: Optional[Sequence[torch.Tensor]] = None, rule: Optional[RoutingRule] = None,
+    token_mask: Optional[torch.Tensor] = None, selection_bias: Optional[torch.Tensor] = None, backend: str = "auto",
 ) -> GroupOutput:
     """One router, several LoRA-expert members sharing the input x (q/k/v or gate/up).
 
@@ -74,18 +85,20 @@ def routed_group(
     the shape); B (d_out_m, E*r), expert e owning columns e*r .. (e+1)*r. E comes from the router weight
     (E, d_in), from router_logits (T, E) when a deeper router computed them, or from task_probs for kind "task".
     Dropout: router stream 0, member m stream m + 1 of `seed`; one independent mask each.
-    Returns GroupOutput(outputs, logits, p_tok, gates).
+    rule, token_mask, selection_bias: as in `route` (RankWise: one A row block per expert, not Hydra).
+    Returns GroupOutput(outputs, logits, p_tok, gates, routed_counts, kept_counts), the counts under a rule.
     """
     shape = checks.check_routed_group(
         x, members_A, members_B, scaling, router_weight, router_bias, router_logits, task_probs, alpha,
-        kind, top_k, renorm, dropout_p, bases,
+        kind, top_k, renorm, dropout_p, bases, rule, token_mask, selection_bias,
     )
     impl = module_for(resolve(backend, x.device))
     return impl.routed_group(
         x, list(members_A), list(members_B), float(scaling), shape=shape, router_weight=router_weight,
         router_bias=router_bias, router_logits=router_logits, task_probs=task_probs, alpha=alpha, kind=kind,
         top_k=top_k, renorm=renorm, dropout_p=float(dropout_p), seed=int(seed),
-        bases=None if bases is None else list(bases),
+        bases=None if bases is None else list(bases), rule=rule, token_mask=token_mask,
+        selection_bias=selection_bias,
     )
 
 
@@ -110,12 +123,14 @@ def gjs_loss(
 
 def load_balancing_loss(
     p: torch.Tensor, gates: torch.Tensor, top_k: Optional[int] = None, mask: Optional[torch.Tensor] = None, *,
-    backend: str = "auto",
+    frequencies: str = "selected", backend: str = "auto",
 ) -> torch.Tensor:
-    """E * sum_i prop_i freq_i: prop the masked mean of p, freq the masked fraction of tokens with gate_i != 0 over k.
+    """E * sum_i prop_i freq_i / k: prop the masked mean of p; freq the masked fraction of tokens with gate_i != 0
+    (frequencies "selected", no gradient) or the masked mean of gate_i ("gate_values", DynMoLE's, with gradient).
 
     top_k: the divisor k (None: E). The reference divides by its configured top_k also under soft routing, where
-    every gate is non-zero; k is then any integer >= 1, not tied to E."""
+    every gate is non-zero; k is then any integer >= 1, not tied to E. The Switch / Mixtral / MixLoRA loss
+    E * sum_i f_i P_i is k = 1."""
     checks.check_probs("p", p, mask)
     checks.check_probs("gates", gates, mask)
     if tuple(gates.shape) != tuple(p.shape):
@@ -123,7 +138,21 @@ def load_balancing_loss(
     if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
         raise ValueError(f"top_k: expected an integer >= 1 (the divisor of the frequencies) or None for E, "
                          f"got {top_k!r}")
-    return _loss_impl(backend, p.device).load_balancing_loss(p, gates, top_k, mask)
+    if frequencies not in FREQUENCIES:
+        raise ValueError(f"frequencies: expected one of {FREQUENCIES}, got {frequencies!r}")
+    return _loss_impl(backend, p.device).load_balancing_loss(p, gates, top_k, mask, frequencies)
+
+
+def entropy_loss(
+    p: torch.Tensor, entropy_index: float = 1.1, entropy_eps: float = 1e-5, mask: Optional[torch.Tensor] = None, *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """DynMoLE's entropy loss: the masked mean over tokens of the normalised Tsallis entropy of p (..., E),
+    (1 - sum_i (p_i + eps)^q) / (1 - E^(1-q)), q = entropy_index (q = 1: Shannon, -sum (p_i + eps) ln(p_i + eps) / ln E).
+    E = 1 gives 0."""
+    checks.check_probs("p", p, mask)
+    checks.check_entropy_args(entropy_index, entropy_eps)
+    return _loss_impl(backend, p.device).entropy_loss(p, entropy_index, entropy_eps, mask)
 
 
 def router_z_loss(logits: torch.Tensor, mask: Optional[torch.Tensor] = None, *, backend: str = "auto") -> torch.Tensor:

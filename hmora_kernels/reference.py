@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 import torch
 
 from .dropout import ROUTER_STREAM, apply_dropout, member_stream
-from .types import GroupOutput
+from .types import GroupOutput, RankWise, Switch, TopP
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -31,12 +31,22 @@ def lora(x, A, B, scaling, *, dropout_p=0.0, seed=0, base=None):
     return _add_base(delta, base, x)
 
 
-def route(logits, *, task_probs=None, alpha=None, kind="token", top_k=None, renorm="softmax", num_tokens=None):
-    """(p_tok, gates): p_tok = softmax(logits); p mixes in the task probabilities per SPEC 3.3; gates per SPEC 3.4."""
+def route(logits, *, task_probs=None, alpha=None, kind="token", top_k=None, renorm="softmax", num_tokens=None,
+          rule=None, token_mask=None, selection_bias=None):
+    """(p_tok, gates): p_tok = softmax(logits) (RankWise: sigmoid); p mixes in the task probabilities per SPEC 3.3;
+    gates per SPEC 3.4 or the routing rule."""
+    return routing(logits, task_probs=task_probs, alpha=alpha, kind=kind, top_k=top_k, renorm=renorm,
+                   num_tokens=num_tokens, rule=rule, token_mask=token_mask, selection_bias=selection_bias)[:2]
+
+
+def routing(logits, *, task_probs=None, alpha=None, kind="token", top_k=None, renorm="softmax", num_tokens=None,
+            rule=None, token_mask=None, selection_bias=None):
+    """(p_tok, gates, routed_counts, kept_counts); the counts are None under the default rule."""
     p_tok = None
     if logits is not None:
         ct = compute_dtype(logits)
-        p_tok = torch.softmax(logits.to(ct), dim=-1)
+        scores = torch.sigmoid if isinstance(rule, RankWise) else lambda z: torch.softmax(z, dim=-1)
+        p_tok = scores(logits.to(ct))
         num_tokens = logits.shape[0]
     if kind == "token":
         p = p_tok
@@ -48,7 +58,19 @@ def route(logits, *, task_probs=None, alpha=None, kind="token", top_k=None, reno
         else:
             a = torch.sigmoid(alpha.reshape(()).to(ct))
             p = (1 - a) * p_tok.to(ct) + a * p_task
-    return p_tok, _gates(p, top_k, renorm)
+    if rule is None:
+        return p_tok, _gates(p, top_k, renorm), None, None
+    real = [True] * num_tokens if token_mask is None else (token_mask.reshape(-1) != 0).tolist()
+    if isinstance(rule, Switch):
+        seq_len = num_tokens if token_mask is None else token_mask.shape[1]
+        gates, routed, kept = _switch_gates(p, rule.capacity, real, seq_len)
+    elif isinstance(rule, TopP):
+        gates, kept = _top_p_gates(p, rule, real)
+        routed = kept
+    else:
+        gates, kept = _rank_wise_gates(p, selection_bias, rule.top_k, real)
+        routed = kept
+    return p_tok, gates, routed, kept
 
 
 def top_k_order(row, k):
@@ -74,10 +96,96 @@ def _gates(p, top_k, renorm):
     return gates
 
 
+def _counts(chosen, num_experts, device):
+    """(E,) int64: how many of the given expert lists name each expert."""
+    counts = [0] * num_experts
+    for experts in chosen:
+        for e in experts:
+            counts[e] += 1
+    return torch.tensor(counts, dtype=torch.int64, device=device)
+
+
+def _switch_gates(p, capacity, real, seq_len):
+    """Top-1 with the unrenormalised gate p[e*]; a real token is kept while its sequence has sent at most `capacity`
+    real tokens to its expert (itself included), in position order; padding claims nothing."""
+    T, E = p.shape
+    gates = torch.zeros_like(p)
+    claimed = {}  # (sequence, expert) -> real tokens of that sequence that chose the expert so far
+    routed, kept = [], []
+    for t in range(T):
+        e = top_k_order(p[t], 1)[0]
+        if real[t]:
+            routed.append([e])
+            key = (t // seq_len, e)
+            claimed[key] = claimed.get(key, 0) + 1
+        if capacity is None or (real[t] and claimed[key] <= capacity):
+            gates[t, e] = p[t, e]
+            if real[t]:
+                kept.append([e])
+    return gates, _counts(routed, E, p.device), _counts(kept, E, p.device)
+
+
+def tsallis_entropy(p, q, eps):
+    """Normalised Tsallis entropy of each row of p (..., E), DynMoLE's: S_q(p) / S_q(uniform) with
+    S_q(p) = (1 - sum_i (p_i + eps)^q) / (q - 1), S_q(uniform) = (1 - E^(1-q)) / (q - 1) (computed in float64);
+    q = 1: Shannon, -sum_i (p_i + eps) ln(p_i + eps) / ln E. E = 1 gives 0."""
+    E = p.shape[-1]
+    if E == 1:
+        return p.new_zeros(p.shape[:-1])
+    total = p.new_zeros(p.shape[:-1])
+    for i in range(E):  # expert by expert: the summation order of the definition
+        shifted = p[..., i] + eps
+        total = total + (shifted * torch.log(shifted) if q == 1 else shifted ** q)
+    if q == 1:
+        return -total / math.log(E)
+    return ((1 - total) / (q - 1)) / ((1 - E ** (1 - q)) / (q - 1))
+
+
+def _top_p_gates(p, rule, real):
+    """DynMoLE: keep experts in order of p while the running sum stays <= top_p, at least keep_top_k of them; all
+    experts when the normalised Tsallis entropy exceeds the threshold (< 1); gates p * keep."""
+    T, E = p.shape
+    top_p = torch.tensor(rule.top_p, dtype=p.dtype)  # the comparisons are in p's dtype, as in every backend
+    threshold = torch.tensor(rule.entropy_threshold, dtype=p.dtype)
+    gates = torch.zeros_like(p)
+    kept = []
+    for t in range(T):
+        row = p[t].detach()
+        keep = []
+        running = row.new_zeros(())
+        for j, e in enumerate(top_k_order(row, E)):
+            running = running + row[e]
+            if running <= top_p or j < rule.keep_top_k:
+                keep.append(e)
+        if rule.entropy_threshold < 1 and tsallis_entropy(row, rule.entropy_index, rule.entropy_eps) > threshold:
+            keep = list(range(E))
+        idx = torch.tensor(sorted(keep), device=p.device)
+        gates[t] = gates[t].index_put((idx,), p[t][idx])
+        if real[t]:
+            kept.append(keep)
+    return gates, _counts(kept, E, p.device)
+
+
+def _rank_wise_gates(scores, selection_bias, k, real):
+    """SMoRA: the top-k of v = s + b; gates k * v_i / sum of the selected v (the bias is a constant)."""
+    T, E = scores.shape
+    gates = torch.zeros_like(scores)
+    kept = []
+    for t in range(T):
+        v = scores[t] + selection_bias.detach().to(scores.dtype)
+        idx = top_k_order(v.detach(), k)
+        vals = v[torch.tensor(idx, device=v.device)]
+        gates[t] = gates[t].index_put((torch.tensor(idx, device=v.device),), k * vals / vals.sum())
+        if real[t]:
+            kept.append(idx)
+    return gates, _counts(kept, E, scores.device)
+
+
 def routed_group(
     x, members_A: Sequence[torch.Tensor], members_B: Sequence[torch.Tensor], scaling, *, shape,
     router_weight=None, router_bias=None, router_logits=None, task_probs=None, alpha=None,
-    kind="token", top_k=None, renorm="softmax", dropout_p=0.0, seed=0, bases=None,
+    kind="token", top_k=None, renorm="softmax", dropout_p=0.0, seed=0, bases=None, rule=None, token_mask=None,
+    selection_bias=None,
 ) -> GroupOutput:
     """y_m = base_m + s * sum_e g_e * (drop_m(x) A_{m,e}^T) B_{m,e}^T with g from the group's one router."""
     ct = compute_dtype(x)
@@ -88,8 +196,9 @@ def routed_group(
         logits = xr @ router_weight.to(ct).T
         if router_bias is not None:
             logits = logits + router_bias.to(ct)
-    p_tok, gates = route(logits, task_probs=task_probs, alpha=alpha, kind=kind, top_k=top_k, renorm=renorm,
-                         num_tokens=x.shape[0])
+    p_tok, gates, routed, kept = routing(
+        logits, task_probs=task_probs, alpha=alpha, kind=kind, top_k=top_k, renorm=renorm, num_tokens=x.shape[0],
+        rule=rule, token_mask=token_mask, selection_bias=selection_bias)
     outputs = []
     for m, (A, B) in enumerate(zip(members_A, members_B)):
         xd = apply_dropout(x.to(ct), dropout_p, seed, member_stream(m))
@@ -100,7 +209,7 @@ def routed_group(
             B_e = B[:, e * r:(e + 1) * r]
             delta = delta + gates[:, e:e + 1].to(ct) * ((xd @ A_e.T) @ B_e.T)
         outputs.append(_add_base(scaling * delta, None if bases is None else bases[m], x))
-    return GroupOutput(outputs, logits, p_tok, gates)
+    return GroupOutput(outputs, logits, p_tok, gates, routed, kept)
 
 
 def _add_base(delta, base, x):
@@ -132,8 +241,9 @@ def gjs_loss(p, gamma_c, gamma_b, mask=None):
     return torch.relu((gamma_b - gamma_c) * ln_e - (balance - certainty / n)) / ln_e
 
 
-def load_balancing_loss(p, gates, top_k=None, mask=None):
-    """E * sum_i prop_i * freq_i: prop = masked mean of p, freq = masked fraction of tokens with gate_i != 0, over k."""
+def load_balancing_loss(p, gates, top_k=None, mask=None, frequencies="selected"):
+    """E * sum_i prop_i * freq_i: prop = masked mean of p; freq = masked fraction of tokens with gate_i != 0
+    ("selected") or masked mean of gate_i ("gate_values"), over k."""
     E = p.shape[-1]
     k = E if top_k is None else top_k
     p, gates = p.reshape(-1, E), gates.reshape(-1, E)
@@ -142,9 +252,17 @@ def load_balancing_loss(p, gates, top_k=None, mask=None):
     loss = p.new_zeros(())
     for i in range(E):
         prop = (mask * p[:, i]).sum() / n
-        freq = (mask * (gates[:, i] != 0).to(p.dtype)).sum() / n / k
+        weight = (gates[:, i] != 0).to(p.dtype) if frequencies == "selected" else gates[:, i].to(p.dtype)
+        freq = (mask * weight).sum() / n / k
         loss = loss + prop * freq
     return E * loss
+
+
+def entropy_loss(p, q, eps, mask=None):
+    """Masked mean over tokens of the normalised Tsallis entropy of p (DynMoLE's entropy loss)."""
+    h = tsallis_entropy(p.reshape(-1, p.shape[-1]), q, eps)
+    mask = torch.ones_like(h) if mask is None else mask.reshape(-1).to(h.dtype)
+    return (h * mask).sum() / mask.sum()
 
 
 def router_z_loss(logits, mask=None):

@@ -11,8 +11,9 @@ from typing import Sequence
 import torch
 
 from .dropout import ROUTER_STREAM, apply_dropout, member_stream
-from .reference import compute_dtype, entropy, sequence_index
-from .types import GroupOutput
+from .reference import compute_dtype, entropy, sequence_index, tsallis_entropy
+from .reference import entropy_loss  # noqa: F401  (vectorised over tokens already, a loop over E: this backend's too)
+from .types import GroupOutput, RankWise, Switch, TopP
 
 
 def lora(x, A, B, scaling, *, dropout_p=0.0, seed=0, base=None):
@@ -21,10 +22,19 @@ def lora(x, A, B, scaling, *, dropout_p=0.0, seed=0, base=None):
     return delta if base is None else base + delta.to(base.dtype)
 
 
-def route(logits, *, task_probs=None, alpha=None, kind="token", top_k=None, renorm="softmax", num_tokens=None):
+def route(logits, *, task_probs=None, alpha=None, kind="token", top_k=None, renorm="softmax", num_tokens=None,
+          rule=None, token_mask=None, selection_bias=None):
+    return routing(logits, task_probs=task_probs, alpha=alpha, kind=kind, top_k=top_k, renorm=renorm,
+                   num_tokens=num_tokens, rule=rule, token_mask=token_mask, selection_bias=selection_bias)[:2]
+
+
+def routing(logits, *, task_probs=None, alpha=None, kind="token", top_k=None, renorm="softmax", num_tokens=None,
+            rule=None, token_mask=None, selection_bias=None):
+    """(p_tok, gates, routed_counts, kept_counts); the counts are None under the default rule."""
     p_tok = None
     if logits is not None:
-        p_tok = torch.softmax(logits.to(compute_dtype(logits)), dim=-1)
+        z = logits.to(compute_dtype(logits))
+        p_tok = torch.sigmoid(z) if isinstance(rule, RankWise) else torch.softmax(z, dim=-1)
         num_tokens = logits.shape[0]
     if kind == "token":
         p = p_tok
@@ -37,24 +47,80 @@ def route(logits, *, task_probs=None, alpha=None, kind="token", top_k=None, reno
         else:
             a = torch.sigmoid(alpha.reshape(()).to(p_task.dtype))
             p = torch.lerp(p_tok.to(p_task.dtype), p_task, a)
-    return p_tok, _gates(p, top_k, renorm)
+    if rule is None:
+        return p_tok, _gates(p, top_k, renorm), None, None
+    real = torch.ones(num_tokens, dtype=torch.bool, device=p.device) if token_mask is None \
+        else token_mask.reshape(-1) != 0
+    if isinstance(rule, Switch):
+        num_sequences = 1 if token_mask is None else token_mask.shape[0]
+        return (p_tok, *_switch_gates(p, rule.capacity, real, num_sequences))
+    if isinstance(rule, TopP):
+        keep = _top_p_keep(p, rule)
+        gates = torch.where(keep, p, torch.zeros((), dtype=p.dtype, device=p.device))  # p * keep, but 0 at an unkept NaN
+    else:
+        v = p + selection_bias.detach().to(p.dtype)
+        idx = _expert_order(v)[:, :rule.top_k]
+        vals = v.gather(-1, idx)
+        gates = torch.zeros_like(v).scatter(-1, idx, rule.top_k * vals / vals.sum(-1, keepdim=True))
+        keep = torch.zeros_like(v, dtype=torch.bool).scatter(-1, idx, True)
+    counts = (keep & real[:, None]).sum(0)
+    return p_tok, gates, counts, counts
+
+
+def _expert_order(p):
+    """Experts of each row by the selection rule of every backend: a stable descending sort puts NaN first and keeps
+    equal values (NaN and NaN too) in expert order; torch.topk leaves the order of ties unspecified."""
+    return torch.sort(p.detach(), dim=-1, descending=True, stable=True).indices
 
 
 def _gates(p, top_k, renorm):
     if top_k is None:
         return p
-    # the selection rule of every backend: a stable descending sort puts NaN first and keeps equal values (NaN and
-    # NaN too) in expert order; torch.topk leaves the order of ties unspecified
-    idx = torch.sort(p.detach(), dim=-1, descending=True, stable=True).indices[:, :top_k]
+    idx = _expert_order(p)[:, :top_k]
     vals = p.gather(-1, idx)
     weights = torch.softmax(vals, dim=-1) if renorm == "softmax" else vals / vals.sum(-1, keepdim=True)
     return torch.zeros_like(p).scatter(-1, idx, weights)
 
 
+def _switch_gates(p, capacity, real, num_sequences):
+    """(gates, routed, kept): top-1 with gate p[e*]; under a capacity a real token keeps e* while its priority, the
+    running count of its sequence's real tokens that chose e* (itself included, in position order), is <= C."""
+    T, E = p.shape
+    choice = _expert_order(p)[:, :1]
+    chosen = torch.zeros(T, E, dtype=torch.bool, device=p.device).scatter(-1, choice, True) & real[:, None]
+    keep = torch.ones(T, dtype=torch.bool, device=p.device)
+    if capacity is not None:
+        priority = chosen.view(num_sequences, T // num_sequences, E).cumsum(1).view(T, E).gather(-1, choice)
+        keep = real & (priority.squeeze(-1) <= capacity)
+    zero = torch.zeros((), dtype=p.dtype, device=p.device)
+    gates = torch.zeros_like(p).scatter(-1, choice, torch.where(keep[:, None], p.gather(-1, choice), zero))
+    return gates, chosen.sum(0), (chosen & keep[:, None]).sum(0)
+
+
+def _top_p_keep(p, rule):
+    """(T, E) bool: DynMoLE's selection. The running sum goes expert by expert in the order of the sort, so it rounds
+    exactly as the reference's does."""
+    T, E = p.shape
+    ordered, order = torch.sort(p.detach(), dim=-1, descending=True, stable=True)
+    top_p = torch.tensor(rule.top_p, dtype=p.dtype)
+    running = torch.zeros(T, dtype=p.dtype, device=p.device)
+    keep_ordered = torch.empty(T, E, dtype=torch.bool, device=p.device)
+    for j in range(E):
+        running = running + ordered[:, j]
+        keep_ordered[:, j] = running <= top_p
+    keep_ordered[:, :rule.keep_top_k] = True
+    keep = torch.zeros_like(keep_ordered).scatter(-1, order, keep_ordered)
+    if rule.entropy_threshold < 1:
+        h = tsallis_entropy(p.detach(), rule.entropy_index, rule.entropy_eps)
+        keep = keep | (h > torch.tensor(rule.entropy_threshold, dtype=p.dtype))[:, None]
+    return keep
+
+
 def routed_group(
     x, members_A: Sequence[torch.Tensor], members_B: Sequence[torch.Tensor], scaling, *, shape,
     router_weight=None, router_bias=None, router_logits=None, task_probs=None, alpha=None,
-    kind="token", top_k=None, renorm="softmax", dropout_p=0.0, seed=0, bases=None,
+    kind="token", top_k=None, renorm="softmax", dropout_p=0.0, seed=0, bases=None, rule=None, token_mask=None,
+    selection_bias=None,
 ) -> GroupOutput:
     T = x.shape[0]
     E, r = shape.num_experts, shape.rank
@@ -64,8 +130,9 @@ def routed_group(
         xr = apply_dropout(x, dropout_p, seed, ROUTER_STREAM).to(rt)
         bias = None if router_bias is None else router_bias.to(rt)
         logits = torch.nn.functional.linear(xr, router_weight.to(rt), bias)
-    p_tok, gates = route(logits, task_probs=task_probs, alpha=alpha, kind=kind, top_k=top_k, renorm=renorm,
-                         num_tokens=T)
+    p_tok, gates, routed, kept = routing(
+        logits, task_probs=task_probs, alpha=alpha, kind=kind, top_k=top_k, renorm=renorm, num_tokens=T, rule=rule,
+        token_mask=token_mask, selection_bias=selection_bias)
     outputs = []
     for m, (A, B) in enumerate(zip(members_A, members_B)):
         xd = apply_dropout(x, dropout_p, seed, member_stream(m))
@@ -75,7 +142,7 @@ def routed_group(
         delta = gated @ (scaling * B.to(x.dtype)).T
         base = None if bases is None else bases[m]
         outputs.append(delta if base is None else base + delta.to(base.dtype))
-    return GroupOutput(outputs, logits, p_tok, gates)
+    return GroupOutput(outputs, logits, p_tok, gates, routed, kept)
 
 
 def _flat_mask(p, mask):
@@ -97,14 +164,15 @@ def gjs_loss(p, gamma_c, gamma_b, mask=None):
     return torch.relu((gamma_b - gamma_c) * ln_e - (balance - certainty)) / ln_e
 
 
-def load_balancing_loss(p, gates, top_k=None, mask=None):
+def load_balancing_loss(p, gates, top_k=None, mask=None, frequencies="selected"):
     E = p.shape[-1]
     k = E if top_k is None else top_k
     p, gates = p.reshape(-1, E), gates.reshape(-1, E)
     mask = _flat_mask(p, mask)
     n = mask.sum()
     prop = (mask @ p) / n
-    freq = (mask @ (gates != 0).to(p.dtype)) / n / k
+    weight = (gates != 0).to(p.dtype) if frequencies == "selected" else gates.to(p.dtype)
+    freq = (mask @ weight) / n / k
     return E * (prop * freq).sum()
 
 

@@ -34,18 +34,24 @@ def _check_device(x: torch.Tensor) -> None:
         )
 
 
-def route(logits, *, task_probs=None, alpha=None, kind="token", top_k=None, renorm="softmax", num_tokens=None):
+def route(logits, *, task_probs=None, alpha=None, kind="token", top_k=None, renorm="softmax", num_tokens=None,
+          rule=None, token_mask=None, selection_bias=None):
     """Delegates to `hmora_kernels.torch_backend.route`: standalone routing of a (T, E) tensor is a few tiny
     element-wise ops; the fused path does routing in registers inside `routed_group`."""
     return torch_backend.route(logits, task_probs=task_probs, alpha=alpha, kind=kind, top_k=top_k, renorm=renorm,
-                               num_tokens=num_tokens)
+                               num_tokens=num_tokens, rule=rule, token_mask=token_mask, selection_bias=selection_bias)
 
 
 def routed_group(
     x, members_A, members_B, scaling, *, shape, router_weight=None, router_bias=None, router_logits=None,
     task_probs=None, alpha=None, kind="token", top_k=None, renorm="softmax", dropout_p=0.0, seed=0, bases=None,
+    rule=None, token_mask=None, selection_bias=None,
 ) -> GroupOutput:
-    """y_m = base_m + s * sum_e g_e (drop_m(x) A_{m,e}^T) B_{m,e}^T with g from the group's router, fused."""
+    """y_m = base_m + s * sum_e g_e (drop_m(x) A_{m,e}^T) B_{m,e}^T with g from the group's router, fused.
+    token_mask only matters to the routing rules, which the kernels do not do yet."""
+    if rule is not None:
+        raise ValueError(f"backend='triton': the fused kernels do not do rule={type(rule).__name__} yet; "
+                         f"use backend='torch'")
     _check_device(x)
     check_limits(shape.num_experts, shape.rank, shape.hydra, len(members_A))
     if kind == "task":

@@ -30,6 +30,8 @@ class GroupCase:
     param_dtype: Optional[torch.dtype] = None  # None: parameters in the activation dtype
     dropout_p: float = 0.0
     with_bases: bool = True
+    rule: object = None     # a routing rule of hmora_kernels (Switch, TopP, RankWise) or None
+    padded: bool = False    # token_mask with left padding: sequence i starts with min(i, seq_len - 1) pads
 
     def __str__(self) -> str:
         return self.why
@@ -45,6 +47,8 @@ class GroupProblem:
     task_probs: Optional[torch.Tensor]
     alpha: Optional[torch.Tensor]
     bases: Optional[list]
+    token_mask: Optional[torch.Tensor] = None
+    selection_bias: Optional[torch.Tensor] = None
     scaling: float = 2.0
     grad_weights: dict = field(default_factory=dict)
 
@@ -78,6 +82,13 @@ def make_problem(case: GroupCase, seed: int = 0) -> GroupProblem:
         alpha=torch.tensor(0.3) if case.kind == "hybrid" else None,
         bases=[rand(case.T, d, dtype=case.dtype) for d in case.d_outs] if case.with_bases else None,
     )
+    if case.rule is not None:
+        seq_len = case.T // case.n_seq
+        positions = torch.arange(seq_len)
+        problem.token_mask = torch.stack([positions >= min(i, seq_len - 1) if case.padded else positions >= 0
+                                          for i in range(case.n_seq)])
+    if isinstance(case.rule, hk.RankWise):
+        problem.selection_bias = rand(case.E, dtype=torch.float32, scale=0.02)
     # fixed random weights turn every output into a scalar loss whose gradient reaches every input
     problem.grad_weights = {
         "outputs": [rand(case.T, d, dtype=torch.float64) for d in case.d_outs],
@@ -104,7 +115,8 @@ def _forward(case: GroupCase, problem: GroupProblem, backend: str, as_float64: b
         leaves["x"], [leaves[f"A{m}"] for m in range(n)], [leaves[f"B{m}"] for m in range(n)], problem.scaling,
         router_weight=leaves.get("router_weight"), router_bias=leaves.get("router_bias"),
         task_probs=leaves.get("task_probs"), alpha=leaves.get("alpha"), kind=case.kind, top_k=case.top_k,
-        renorm=case.renorm, dropout_p=case.dropout_p, seed=seed, bases=bases, backend=backend,
+        renorm=case.renorm, dropout_p=case.dropout_p, seed=seed, bases=bases, rule=case.rule,
+        token_mask=problem.token_mask, selection_bias=problem.selection_bias, backend=backend,
     )
     return leaves, out
 
@@ -122,6 +134,7 @@ def run_group(case: GroupCase, problem: GroupProblem, backend: str, *, as_float6
     """Forward and backward of one backend; returns ({name: value}, {name: grad}) detached.
 
     as_float64 runs on float64 copies of the same inputs: that is how the reference gives the exact answer.
+    Under a routing rule the values also hold the int64 routed_counts and kept_counts.
     """
     leaves, out = _forward(case, problem, backend, as_float64, seed)
     _token_losses(out, problem.grad_weights).sum().backward()
@@ -130,6 +143,8 @@ def run_group(case: GroupCase, problem: GroupProblem, backend: str, *, as_float6
     if out.p_tok is not None:
         values["p_tok"] = out.p_tok.detach()
         values["logits"] = out.logits.detach()
+    if out.kept_counts is not None:
+        values["routed_counts"], values["kept_counts"] = out.routed_counts, out.kept_counts
     grads = {k: v.grad for k, v in leaves.items()}
     return values, grads
 

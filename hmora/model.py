@@ -199,9 +199,9 @@ class HMoRAModel(nn.Module):
         """The adapter's non-parameter state, named as `adapter_named_parameters`: rank-wise routing's
         `<owner>.router.selection_bias`."""
         named = {}
-        for name, buffer in self.base_model.named_buffers():
-            if name.rpartition(".")[2] == "selection_bias":
-                named[name] = buffer
+        for name, module in self.base_model.named_modules():
+            if isinstance(module, Router):
+                named.update({f"{name}.{key}": buffer for key, buffer in module.named_buffers(recurse=False)})
         return named
 
     def adapter_state_tensors(self) -> Dict[str, torch.Tensor]:
@@ -299,11 +299,6 @@ class HMoRAModel(nn.Module):
                                                           backend=config.backend)
         return terms
 
-    def variant_loss_weights(self) -> Dict[str, float]:
-        config = self.hmora_config
-        return {"balance": config.balance_loss_coef, "z": config.router_z_loss_coef,
-                "entropy": config.entropy_loss_coef}
-
     def router_aux_loss(self, logits: Optional[torch.Tensor], p_tok: torch.Tensor, gates: torch.Tensor,
                         attention_mask=None) -> torch.Tensor:
         """One token router's term of `aux_loss`, on its logits / p_tok / final gates (B, S, E) over attended tokens:
@@ -313,7 +308,8 @@ class HMoRAModel(nn.Module):
         reference does (SPEC 4)."""
         config = self.hmora_config
         if config.routing_variant is not None:
-            weights = self.variant_loss_weights()
+            weights = {"balance": config.balance_loss_coef, "z": config.router_z_loss_coef,
+                       "entropy": config.entropy_loss_coef}
             terms = self.variant_loss_terms(logits, attention_mask)
             return sum((weights[name] * term for name, term in terms.items()), p_tok.new_zeros(())) \
                 / self.num_token_routers

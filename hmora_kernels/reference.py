@@ -114,14 +114,16 @@ def _switch_gates(p, capacity, real, seq_len):
     routed, kept = [], []
     for t in range(T):
         e = top_k_order(p[t], 1)[0]
-        if real[t]:
-            routed.append([e])
-            key = (t // seq_len, e)
-            claimed[key] = claimed.get(key, 0) + 1
-        if capacity is None or (real[t] and claimed[key] <= capacity):
+        if not real[t]:
+            if capacity is None:  # without a capacity padding is routed like any token (and not counted)
+                gates[t, e] = p[t, e]
+            continue
+        routed.append([e])
+        key = (t // seq_len, e)
+        claimed[key] = claimed.get(key, 0) + 1
+        if capacity is None or claimed[key] <= capacity:
             gates[t, e] = p[t, e]
-            if real[t]:
-                kept.append([e])
+            kept.append([e])
     return gates, _counts(routed, E, p.device), _counts(kept, E, p.device)
 
 
@@ -145,8 +147,9 @@ def _top_p_gates(p, rule, real):
     """DynMoLE: keep experts in order of p while the running sum stays <= top_p, at least keep_top_k of them; all
     experts when the normalised Tsallis entropy exceeds the threshold (< 1); gates p * keep."""
     T, E = p.shape
-    top_p = torch.tensor(rule.top_p, dtype=p.dtype)  # the comparisons are in p's dtype, as in every backend
-    threshold = torch.tensor(rule.entropy_threshold, dtype=p.dtype)
+    # the comparisons are in p's dtype, as in every backend
+    top_p = torch.tensor(rule.top_p, dtype=p.dtype, device=p.device)
+    threshold = torch.tensor(rule.entropy_threshold, dtype=p.dtype, device=p.device)
     gates = torch.zeros_like(p)
     kept = []
     for t in range(T):

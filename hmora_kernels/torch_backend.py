@@ -54,15 +54,7 @@ def routing(logits, *, task_probs=None, alpha=None, kind="token", top_k=None, re
     if isinstance(rule, Switch):
         num_sequences = 1 if token_mask is None else token_mask.shape[0]
         return (p_tok, *_switch_gates(p, rule.capacity, real, num_sequences))
-    if isinstance(rule, TopP):
-        keep = _top_p_keep(p, rule)
-        gates = torch.where(keep, p, torch.zeros((), dtype=p.dtype, device=p.device))  # p * keep, but 0 at an unkept NaN
-    else:
-        v = p + selection_bias.detach().to(p.dtype)
-        idx = _expert_order(v)[:, :rule.top_k]
-        vals = v.gather(-1, idx)
-        gates = torch.zeros_like(v).scatter(-1, idx, rule.top_k * vals / vals.sum(-1, keepdim=True))
-        keep = torch.zeros_like(v, dtype=torch.bool).scatter(-1, idx, True)
+    gates, keep = _top_p_gates(p, rule) if isinstance(rule, TopP) else _rank_wise_gates(p, selection_bias, rule.top_k)
     counts = (keep & real[:, None]).sum(0)
     return p_tok, gates, counts, counts
 
@@ -97,12 +89,22 @@ def _switch_gates(p, capacity, real, num_sequences):
     return gates, chosen.sum(0), (chosen & keep[:, None]).sum(0)
 
 
-def _top_p_keep(p, rule):
-    """(T, E) bool: DynMoLE's selection. The running sum goes expert by expert in the order of the sort, so it rounds
-    exactly as the reference's does."""
+def _rank_wise_gates(scores, selection_bias, k):
+    """(gates, selected): the top-k of v = s + b, gates k * v_i / sum of the selected v (the bias is a constant)."""
+    v = scores + selection_bias.detach().to(scores.dtype)
+    idx = _expert_order(v)[:, :k]
+    vals = v.gather(-1, idx)
+    gates = torch.zeros_like(v).scatter(-1, idx, k * vals / vals.sum(-1, keepdim=True))
+    return gates, torch.zeros_like(v, dtype=torch.bool).scatter(-1, idx, True)
+
+
+def _top_p_gates(p, rule):
+    """(gates p * keep, keep): DynMoLE's selection. The running sum goes expert by expert in the order of the sort,
+    so it rounds exactly as the reference's does."""
     T, E = p.shape
-    ordered, order = torch.sort(p.detach(), dim=-1, descending=True, stable=True)
-    top_p = torch.tensor(rule.top_p, dtype=p.dtype)
+    order = _expert_order(p)
+    ordered = p.detach().gather(-1, order)
+    top_p = torch.tensor(rule.top_p, dtype=p.dtype, device=p.device)
     running = torch.zeros(T, dtype=p.dtype, device=p.device)
     keep_ordered = torch.empty(T, E, dtype=torch.bool, device=p.device)
     for j in range(E):
@@ -112,8 +114,8 @@ def _top_p_keep(p, rule):
     keep = torch.zeros_like(keep_ordered).scatter(-1, order, keep_ordered)
     if rule.entropy_threshold < 1:
         h = tsallis_entropy(p.detach(), rule.entropy_index, rule.entropy_eps)
-        keep = keep | (h > torch.tensor(rule.entropy_threshold, dtype=p.dtype))[:, None]
-    return keep
+        keep = keep | (h > torch.tensor(rule.entropy_threshold, dtype=p.dtype, device=p.device))[:, None]
+    return torch.where(keep, p, torch.zeros((), dtype=p.dtype, device=p.device)), keep  # 0, not NaN * 0, if unkept
 
 
 def routed_group(

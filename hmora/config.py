@@ -69,6 +69,9 @@ class HMoRAConfig:
     max_llm_layer: the L - 1 of the layer schedule; None = the base model's last layer index (as the reference,
     a smaller value is raised to it).
     hidden_size / model_type: filled in from the base model; a checkpoint is checked against them on load.
+    routing_variant: None (HMoRA) or a routing strategy of the MoE-LoRA family (README "Routing variants"), which
+    brings its own losses weighted by its own coefficients (lambda_auxiliary then weighs nothing: the variants need
+    use_div_loss and use_load_balancing_loss off); each reads the fields commented with its name.
     """
 
     target_modules: Optional[List[str]] = None

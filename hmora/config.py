@@ -59,6 +59,11 @@ POSITION_FREQUENCIES = ("reference", "correctly_rounded")
 RENORMS = ("softmax", "sum")
 
 
+def _option(default, help: str, **metadata):
+    """A field of ours with its command-line help (hmora-train makes a flag of every field)."""
+    return dataclasses.field(default=default, metadata={"help": help, **metadata})
+
+
 @dataclass
 class HMoRAConfig:
     """Configuration of an HMoRA adapter (SPEC.md). Validated on construction; JSON round trip.
@@ -118,23 +123,29 @@ class HMoRAConfig:
     w_i_modules: Optional[List[str]] = None
     backend: str = "auto"
     # ---- routing variants (ours; README "Routing variants"). None: HMoRA's routing (SPEC 3.4) and losses (SPEC 4)
-    routing_variant: Optional[str] = None  # "mixlora" | "switch" | "top_p" | "rank_wise"
-    router_bias: bool = True              # every router Linear with a bias (SPEC 2.3); the variants' recipes: False
-    router_init_std: Optional[float] = None  # None: nn.Linear's default init; else weights ~ N(0, std)
-    router_jitter: float = 0.0            # token routers' input times U(1 - eps, 1 + eps) while training (Switch)
-    balance_loss_coef: float = 0.001      # mixlora / switch / top_p: E * sum_e f_e P_e
-    router_z_loss_coef: float = 0.001     # switch: mean logsumexp(logits)^2
-    expert_capacity: Optional[int] = None  # switch; None: ceil(capacity_factor * max_sequence_length / E)
-    capacity_factor: float = 1.25         # switch
-    max_sequence_length: int = 1024       # switch: the capacity's sequence length (the recipe's max length)
-    top_p: float = 0.75                   # top_p (DynMoLE)
-    keep_top_k: int = 2                   # top_p
-    entropy_threshold: float = 0.9        # top_p: every expert above it (>= 1: never)
-    entropy_index: float = 1.1            # top_p: Tsallis q (1: Shannon)
-    entropy_eps: float = 1e-5             # top_p
-    entropy_loss_coef: float = 0.01       # top_p: mean normalised Tsallis entropy
-    rank_top_k: int = 8                   # rank_wise: active rank-1 experts of the E * r
-    bias_update_rate: float = 1e-5        # rank_wise: selection-bias step per optimizer step
+    routing_variant: Optional[str] = _option(
+        None, "a routing strategy of the MoE-LoRA family instead of HMoRA's (see README; hmora.config.ROUTING_RECIPES "
+              "holds each one's recipe)", choices=ROUTING_VARIANTS)
+    router_bias: bool = _option(True, "router linear layers with a bias (SPEC 2.3; the variants' recipes: none)")
+    router_init_std: Optional[float] = _option(
+        None, "router weights drawn from N(0, std) (mixlora / switch recipes: 0.02); unset: nn.Linear's init")
+    router_jitter: float = _option(0.0, "token routers' input times U(1 - eps, 1 + eps) while training (switch)")
+    balance_loss_coef: float = _option(0.001, "weight of the load-balancing loss E * sum_e f_e P_e of mixlora, "
+                                              "switch and top_p")
+    router_z_loss_coef: float = _option(0.001, "weight of the router z-loss mean logsumexp(logits)^2 of switch")
+    expert_capacity: Optional[int] = _option(
+        None, "switch: real tokens per expert and sequence; unset: ceil(capacity_factor * max_sequence_length / E)")
+    capacity_factor: float = _option(1.25, "switch: capacity factor (1.0, 1.25 and 2.0 are common)")
+    max_sequence_length: int = _option(1024, "switch: the sequence length the expert capacity is computed for")
+    top_p: float = _option(0.75, "top_p (DynMoLE): keep experts while their probabilities sum to at most this")
+    keep_top_k: int = _option(2, "top_p: experts kept at least")
+    entropy_threshold: float = _option(0.9, "top_p: every expert for a token whose normalised Tsallis entropy "
+                                            "exceeds this (1 or more: never)")
+    entropy_index: float = _option(1.1, "top_p: Tsallis entropy index q (1: Shannon)")
+    entropy_eps: float = _option(1e-5, "top_p: added to each probability inside the Tsallis entropy")
+    entropy_loss_coef: float = _option(0.01, "top_p: weight of the mean normalised Tsallis entropy loss")
+    rank_top_k: int = _option(8, "rank_wise (SMoRA): active rank-1 experts of the E * r")
+    bias_update_rate: float = _option(1e-5, "rank_wise: selection-bias step per optimizer step")
     # the reference config.json's own keys: accepted only to say how to load such a file
     peft_type: InitVar[Any] = _ABSENT
     torch_dtype: InitVar[Any] = _ABSENT

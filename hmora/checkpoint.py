@@ -47,11 +47,27 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
         raise
 
 
-def save_adapter(model, directory) -> None:
+def full_tensor(tensor):
+    """The whole tensor of a sharded (FSDP2 DTensor) parameter, gathered from every rank; others as they are."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def save_adapter(model, directory, state_dict=None, is_main_process: bool = True) -> None:
+    """Write the adapter of `model`. `state_dict` (e.g. the full state dict Trainer gathers under FSDP): take the
+    adapter tensors from it instead of from the model. Every rank must call this under FSDP2 (gathering is
+    collective); only the main process writes."""
+    if state_dict is not None:
+        by_adapter_name = {name[len("base_model."):] if name.startswith("base_model.") else name: tensor
+                           for name, tensor in state_dict.items()}
+        tensors = {name: by_adapter_name[name] for name in model.adapter_state_tensors()}
+    else:
+        tensors = model.adapter_state_tensors()
+    tensors = {name: full_tensor(t).detach().to("cpu").contiguous() for name, t in tensors.items()}
+    if not is_main_process:
+        return
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config_json = model.hmora_config.to_json_string()
-    tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.adapter_state_tensors().items()}
     metadata = {"format": "pt", CONFIG_METADATA_KEY: config_json}
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config_json + "\n", encoding="utf-8"))
@@ -80,10 +96,17 @@ def read_checkpoint(directory):
     return config, tensors
 
 
-def load_adapter(base_model, directory):
+def load_adapter(base_model, directory, is_trainable: bool = True):
     from .model import HMoRAModel
 
     config, tensors = read_checkpoint(directory)
     model = HMoRAModel(base_model, config)
     model.load_adapter_state_dict(tensors, source=str(Path(directory) / WEIGHTS_NAME))
+    if not is_trainable:
+        model.requires_grad_(False)
+        model.eval()
     return model
+
+
+def is_checkpoint(directory) -> bool:
+    return (Path(directory) / WEIGHTS_NAME).is_file()

@@ -128,10 +128,12 @@ class ForwardContext:
 
 
 class RoutingState:
-    """Holder of the current ForwardContext, shared by an HMoRAModel and all its injected layers."""
+    """Holder of the current ForwardContext and of the adapter switch, shared by an HMoRAModel and all its injected
+    layers."""
 
     def __init__(self):
         self.context = ForwardContext()
+        self.adapters_enabled = True  # False inside HMoRAModel.disable_adapter(): every layer is its base layer
 
     def install(self, context: ForwardContext) -> ForwardContext:
         previous, self.context = self.context, context

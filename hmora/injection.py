@@ -83,7 +83,7 @@ def inject(base_model: nn.Module, config: HMoRAConfig, state: RoutingState, task
     groups: Dict[Tuple[str, str], List[str]] = OrderedDict()
     for name in targets:
         if name.rpartition(".")[2] in config.target_modules_lora:
-            _replace(base_model, name, LoRALinear(base_model.get_submodule(name), config))
+            _replace(base_model, name, LoRALinear(base_model.get_submodule(name), config, state))
         else:
             groups.setdefault(_group_key(name, config), []).append(name)
     routed = []
@@ -98,7 +98,7 @@ def inject(base_model: nn.Module, config: HMoRAConfig, state: RoutingState, task
                         selection_bias=config.routing_variant == "rank_wise")
         members = []
         for i, name in enumerate(names):
-            member = ExpertLinear(base_model.get_submodule(name), config, router if i == 0 else None)
+            member = ExpertLinear(base_model.get_submodule(name), config, state, router if i == 0 else None)
             _replace(base_model, name, member)
             members.append(member)
         routed.append(RoutedGroup(names[0], members, config, state))

@@ -37,8 +37,9 @@ def _kaiming_uniform(rows: int, d_in: int, device) -> nn.Parameter:
 class AdapterLinear(nn.Module):
     """Common part: the frozen base layer and the A / B matrices (fp32, on the base weight's device)."""
 
-    def __init__(self, base_layer: nn.Linear, a_rows: int, b_cols: int, config: HMoRAConfig):
+    def __init__(self, base_layer: nn.Linear, a_rows: int, b_cols: int, config: HMoRAConfig, state: RoutingState):
         super().__init__()
+        self.state = state  # shared with the model (a plain object, not a module): is the adapter on?
         base_layer.requires_grad_(False)
         self.base_layer = base_layer
         device = base_layer.weight.device
@@ -67,11 +68,13 @@ class AdapterLinear(nn.Module):
 class LoRALinear(AdapterLinear):
     """Plain LoRA (SPEC 2.1): y = x W^T + b + s (drop(x) A^T) B^T."""
 
-    def __init__(self, base_layer: nn.Linear, config: HMoRAConfig):
-        super().__init__(base_layer, config.lora_r, config.lora_r, config)
+    def __init__(self, base_layer: nn.Linear, config: HMoRAConfig, state: RoutingState):
+        super().__init__(base_layer, config.lora_r, config.lora_r, config, state)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer(x)
+        if not self.state.adapters_enabled:
+            return base
         p = self.active_dropout()
         out = hmora_kernels.lora(x.reshape(-1, self.in_features), self.lora_A, self.lora_B, self.scaling,
                                  dropout_p=p, seed=draw_seed(p), base=base.reshape(-1, self.out_features),
@@ -91,9 +94,10 @@ class ExpertLinear(AdapterLinear):
     """One member of a routed group (SPEC 2.2): E LoRA experts, A_cat (E*r, d_in) or Hydra A (r, d_in),
     B_cat (d_out, E*r). The group's owner (member 0) holds the `router`."""
 
-    def __init__(self, base_layer: nn.Linear, config: HMoRAConfig, router: Optional[Router] = None):
+    def __init__(self, base_layer: nn.Linear, config: HMoRAConfig, state: RoutingState,
+                 router: Optional[Router] = None):
         r, experts = config.lora_r, config.num_experts
-        super().__init__(base_layer, r if config.use_hydra_lora else experts * r, experts * r, config)
+        super().__init__(base_layer, r if config.use_hydra_lora else experts * r, experts * r, config, state)
         self.scaling = config.routed_scaling
         if router is not None:
             self.router = router
@@ -101,6 +105,8 @@ class ExpertLinear(AdapterLinear):
         self.member_index = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.state.adapters_enabled:
+            return self.base_layer(x)
         return self.group.member_output(self.member_index, x)
 
 

@@ -1,6 +1,7 @@
 """HMoRAModel: a transformers causal LM with HMoRA layers injected, its task encoder, losses and generation."""
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
@@ -128,6 +129,40 @@ class HMoRAModel(nn.Module):
     def get_input_embeddings(self) -> nn.Module:
         return self.base_model.get_input_embeddings()
 
+    def get_output_embeddings(self) -> nn.Module:
+        return self.base_model.get_output_embeddings()
+
+    @property
+    def generation_config(self):
+        return self.base_model.generation_config
+
+    def can_generate(self) -> bool:
+        return self.base_model.can_generate()
+
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        return self.base_model.prepare_inputs_for_generation(*args, **kwargs)
+
+    def add_model_tags(self, tags) -> None:
+        """Model-card tags (TRL adds its own); kept by the wrapped transformers model."""
+        self.base_model.add_model_tags(tags)
+
+    def enable_input_require_grads(self) -> None:
+        self.base_model.enable_input_require_grads()
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped causal LM, its adapter layers in place (as PEFT's get_base_model)."""
+        return self.base_model
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Inside: the base model alone (every adapted layer returns its base output, no routing, no task
+        encoder, auxiliary losses 0)."""
+        previous, self._routing.adapters_enabled = self._routing.adapters_enabled, False
+        try:
+            yield
+        finally:
+            self._routing.adapters_enabled = previous
+
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs: Optional[dict] = None,
                                         **options) -> None:
         """Activation checkpointing of the base model's decoder layers, e.g. {"use_reentrant": True} (both modes
@@ -232,7 +267,12 @@ class HMoRAModel(nn.Module):
                              + "; load it onto the base model and config it was saved with")
         with torch.no_grad():
             for name, param in params.items():
-                param.copy_(state[name].to(param.dtype))
+                value = state[name].to(device=param.device, dtype=param.dtype)
+                if hasattr(param, "device_mesh"):  # FSDP2: this rank's shard of the whole tensor
+                    from torch.distributed.tensor import distribute_tensor
+
+                    value = distribute_tensor(value, param.device_mesh, param.placements)
+                param.copy_(value)
 
     # ---- task representation ----------------------------------------------------------------------------
     def task_representation(self, input_ids=None, attention_mask=None, labels=None, task_input_ids=None,
@@ -409,7 +449,10 @@ class HMoRAModel(nn.Module):
         kwargs.pop("return_dict", None)  # we read the base model's output by name
         if labels is not None and input_ids is not None and labels.shape != input_ids.shape:
             raise ValueError(f"labels {tuple(labels.shape)} must have the shape of input_ids {tuple(input_ids.shape)}")
-        task_repr = self.task_representation(input_ids, attention_mask, labels, task_input_ids, task_attention_mask)
+        task_repr = None
+        if self._routing.adapters_enabled:
+            task_repr = self.task_representation(input_ids, attention_mask, labels, task_input_ids,
+                                                 task_attention_mask)
         with_task_loss = with_task_loss and task_repr is not None
         loss_task_repr = None
         if task_loss_input_ids is not None and with_task_loss:
@@ -475,16 +518,25 @@ class HMoRAModel(nn.Module):
             self._routing.install(previous)
 
     # ---- persistence ------------------------------------------------------------------------------------
-    def save_pretrained(self, directory) -> None:
+    def save_pretrained(self, directory, state_dict: Optional[Dict[str, torch.Tensor]] = None,
+                        is_main_process: bool = True, safe_serialization: bool = True, **_ignored) -> None:
+        """hmora_adapter.safetensors + hmora_config.json, atomic. PEFT's keywords: `state_dict` (take the adapter
+        tensors from this full state dict, e.g. gathered by FSDP), `is_main_process` (others only join the
+        gathering), `safe_serialization` (only True: the weights are always safetensors)."""
         from .checkpoint import save_adapter
 
-        save_adapter(self, directory)
+        if not safe_serialization:
+            raise ValueError("save_pretrained(safe_serialization=False): hmora writes only safetensors; drop the "
+                             "argument")
+        save_adapter(self, directory, state_dict=state_dict, is_main_process=is_main_process)
 
     @classmethod
-    def from_pretrained(cls, base_model: nn.Module, directory) -> "HMoRAModel":
+    def from_pretrained(cls, base_model: nn.Module, directory, is_trainable: bool = True) -> "HMoRAModel":
+        """The adapter in `directory` on `base_model`. `is_trainable=False` (PEFT's default; ours is True, to
+        resume training) freezes the adapter and puts the model in eval mode."""
         from .checkpoint import load_adapter
 
-        return load_adapter(base_model, directory)
+        return load_adapter(base_model, directory, is_trainable=is_trainable)
 
     def merge_and_unload(self) -> nn.Module:
         """Fold every plain-LoRA layer into its base Linear and return the base model.
@@ -497,11 +549,18 @@ class HMoRAModel(nn.Module):
             raise ValueError(f"merge_and_unload: {len(routed)} routed layers (e.g. {routed[0]}) have input-dependent "
                              f"gates and cannot be folded into a fixed weight; only plain-LoRA layers "
                              f"(target_modules_lora) can be merged")
+        return self._replace_adapters(LoRALinear.merged_linear)
+
+    def unload(self) -> nn.Module:
+        """Put every original Linear back, the adapter dropped, and return the base model."""
+        return self._replace_adapters(lambda module: module.base_layer)
+
+    def _replace_adapters(self, replacement) -> nn.Module:
         for name, module in list(self.base_model.named_modules()):
-            if isinstance(module, LoRALinear):
+            if isinstance(module, AdapterLinear):
                 parent, _, leaf = name.rpartition(".")
                 setattr(self.base_model.get_submodule(parent) if parent else self.base_model, leaf,
-                        module.merged_linear())
+                        replacement(module))
         return self.base_model
 
 

@@ -1,6 +1,8 @@
 """HF Trainer trains the wrapped model unchanged: its loss is `outputs.loss` (CE + lambda_aux * aux)."""
 import dataclasses
+import os
 
+import safetensors.torch
 import torch
 from transformers import Trainer, TrainingArguments
 
@@ -50,3 +52,38 @@ def test_trainer_optimises_the_task_router_loss(tmp_path):
     trainer.train()
     for name, grad in task_side.items():
         torch.testing.assert_close(seen[name], grad, rtol=1e-5, atol=1e-8, msg=name)
+
+
+def _trainer_rows():
+    ids, mask, labels = batch(rows=2)
+    return [{"input_ids": ids[i % 2], "attention_mask": mask[i % 2], "labels": labels[i % 2]} for i in range(8)]
+
+
+def _args(tmp_path, max_steps, **extra):
+    return TrainingArguments(output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=2,
+                             learning_rate=1e-2, report_to=[], use_cpu=True, disable_tqdm=True, save_steps=2,
+                             seed=7, data_seed=7, **extra)
+
+
+def test_trainer_checkpoints_are_adapter_only_and_resume_exactly(tmp_path):
+    """HMoRATrainer writes hmora_adapter.safetensors + hmora_config.json (no frozen base) that
+    HMoRAModel.from_pretrained loads; a run resumed from checkpoint-2 ends bit-identical to an uninterrupted one."""
+    from hmora import HMoRAModel, HMoRATrainer
+    from hmora.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+    from test_hmora_model import tiny_base
+
+    full = tiny_model("qwen2", dropout=0.1)
+    HMoRATrainer(model=full, args=_args(tmp_path / "full", 4), train_dataset=_trainer_rows()).train()
+    checkpoint = tmp_path / "full" / "checkpoint-2"
+    files = set(os.listdir(checkpoint))
+    assert {WEIGHTS_NAME, CONFIG_NAME} <= files and not {"model.safetensors", "pytorch_model.bin"} & files
+    stored = safetensors.torch.load_file(str(checkpoint / WEIGHTS_NAME))
+    assert set(stored) == set(full.adapter_named_parameters())  # the adapter only
+    reloaded = HMoRAModel.from_pretrained(tiny_base("qwen2"), checkpoint)
+    assert reloaded.hmora_config == full.hmora_config
+
+    resumed = tiny_model("qwen2", dropout=0.1)
+    trainer = HMoRATrainer(model=resumed, args=_args(tmp_path / "full", 4), train_dataset=_trainer_rows())
+    trainer.train(resume_from_checkpoint=str(checkpoint))
+    for name, param in full.adapter_named_parameters().items():
+        assert torch.equal(resumed.adapter_named_parameters()[name], param), name

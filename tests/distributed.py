@@ -52,9 +52,9 @@ def _entry(rank: int, world: int, port: int, worker: Callable, args: tuple) -> N
             dist.destroy_process_group()
 
 
-def data_parallel_model(**overrides):
-    """The model every run starts from: paper routing (hybrid layers, top-2, task router), dropout 0.1."""
-    return tiny_model("qwen2", dropout=0.1, **overrides)
+def data_parallel_model(dropout: float = 0.1):
+    """The model every run starts from: paper routing (hybrid layers, top-2, task router)."""
+    return tiny_model("qwen2", dropout=dropout)
 
 
 def global_batch(step: int, world: int = WORLD) -> Dict[str, torch.Tensor]:
@@ -89,9 +89,10 @@ def window_forwards(rows: Dict[str, torch.Tensor]):
     return micro
 
 
-def single_process_run(world: int = WORLD, steps: int = STEPS, window: bool = False) -> Dict[str, torch.Tensor]:
+def single_process_run(world: int = WORLD, steps: int = STEPS, window: bool = False,
+                       dropout: float = 0.1) -> Dict[str, torch.Tensor]:
     """`window`: each rank's shard is an accumulation window (`window_forwards`), its micro-batch losses summed."""
-    model = data_parallel_model().train()
+    model = data_parallel_model(dropout).train()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
     for step in range(steps):
         rows = global_batch(step, world)

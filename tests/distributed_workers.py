@@ -6,7 +6,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from distributed import LR, STEPS, adapter_state, data_parallel_model, global_batch, shard, window_forwards
+from distributed import (LR, ROWS_PER_RANK, STEPS, adapter_state, data_parallel_model, global_batch, shard,
+                         window_forwards)
 
 
 def torch_engine(rank: int, world: int, engine: str, out_dir: str) -> None:
@@ -41,3 +42,46 @@ def torch_engine(rank: int, world: int, engine: str, out_dir: str) -> None:
         optimizer.zero_grad()
     state = adapter_state(model)
     torch.save(state, Path(out_dir) / f"rank{rank}.pt")
+
+
+def trainer_arguments(out_dir: str, world: int, **extra):
+    """SGD at a constant LR, no clipping, no dropout (Trainer draws the same dropout seeds on every rank, a
+    single process other ones): the data-parallel run and its single-process equivalent differ only in sum order."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(output_dir=out_dir, max_steps=STEPS, per_device_train_batch_size=ROWS_PER_RANK,
+                             optim="sgd", learning_rate=LR, lr_scheduler_type="constant", weight_decay=0.0,
+                             max_grad_norm=0.0, report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no",
+                             seed=3, data_seed=3, dataloader_drop_last=True, **extra)
+
+
+def trainer_rows(world: int):
+    rows = []
+    for step in range(STEPS):
+        batch = global_batch(step, world)
+        rows += [{k: v[i] for k, v in batch.items()} for i in range(world * ROWS_PER_RANK)]
+    return rows
+
+
+def trainer_engine(rank: int, world: int, out_dir: str) -> None:
+    """HMoRATrainer in the environment `accelerate launch` / torchrun give each process (RANK, WORLD_SIZE, ...):
+    accelerate's multi-CPU DDP."""
+    from hmora import HMoRATrainer
+
+    model = data_parallel_model(dropout=0.0)
+    trainer = HMoRATrainer(model=model, args=trainer_arguments(out_dir, world), train_dataset=trainer_rows(world))
+    trainer.train()
+    assert isinstance(trainer.model_wrapped, torch.nn.parallel.DistributedDataParallel)
+    torch.save(adapter_state(model), Path(out_dir) / f"rank{rank}.pt")
+
+
+def trainer_single_process(out_dir: str, world: int) -> dict:
+    """The single-process equivalent of `trainer_engine`: one process, the same seed and so the same shuffled batches
+    of ROWS_PER_RANK rows, `world` of them accumulated per step (Trainer divides each by the accumulation steps, as
+    DDP averages the ranks)."""
+    from hmora import HMoRATrainer
+
+    model = data_parallel_model(dropout=0.0)
+    args = trainer_arguments(out_dir, world, gradient_accumulation_steps=world)
+    HMoRATrainer(model=model, args=args, train_dataset=trainer_rows(world)).train()
+    return adapter_state(model)

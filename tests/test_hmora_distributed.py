@@ -1,12 +1,17 @@
 """Data-parallel and sharded training with 2 processes on CPU (gloo): after a few steps the adapter weights equal the
 single-process run on the same global batch (tests/distributed.py says what that run is) within fp32 round-off, and
 every rank holds the same weights."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 import distributed_workers
-from distributed import (adapter_state, data_parallel_model, load_ranks, max_relative_difference, single_process_run,
-                         spawn)
+from distributed import (WORLD, adapter_state, data_parallel_model, free_port, load_ranks, max_relative_difference,
+                         single_process_run, spawn)
 
 pytestmark = pytest.mark.distributed
 
@@ -14,10 +19,11 @@ FP32_ROUNDOFF = 1e-5  # relative; sums of the two shards' gradients in another o
 
 
 @pytest.fixture(scope="module")
-def single_process():
+def single_process(tmp_path_factory):
     """engine -> the single-process run it must equal; each run moved every adapter tensor."""
     initial = adapter_state(data_parallel_model())
-    runs = {"batch": single_process_run(), "window": single_process_run(window=True)}
+    runs = {"batch": single_process_run(), "window": single_process_run(window=True),
+            "trainer": distributed_workers.trainer_single_process(str(tmp_path_factory.mktemp("trainer")), WORLD)}
     for run in runs.values():
         assert sum(not torch.equal(run[n], t) for n, t in initial.items()) == len(initial)
     return runs
@@ -25,12 +31,37 @@ def single_process():
 
 @pytest.mark.parametrize("engine", ["ddp", "ddp-window", "fsdp2"])
 def test_torch_engines_equal_the_single_process_run(tmp_path, single_process, engine):
-    """ddp-window: the reference recipe (task-router loss once per window, over its sources) under DDP."""
+    """ddp-window: the reference recipe (task-router loss once per window, over its sources) under DDP. Ranks stay
+    bit-identical: the task-router loss is all-reduced with the rest."""
     spawn(distributed_workers.torch_engine, engine, str(tmp_path))
-    ranks = load_ranks(tmp_path)
-    for name, tensor in ranks[0].items():  # the task-router loss is all-reduced with the rest: no drift
-        assert torch.equal(tensor, ranks[1][name]), name
     expected = single_process["window" if engine == "ddp-window" else "batch"]
+    assert_ranks_equal_single_process(tmp_path, expected, engine)
+
+
+def assert_ranks_equal_single_process(directory, expected, what):
+    ranks = load_ranks(directory)
+    for name, tensor in ranks[0].items():
+        assert torch.equal(tensor, ranks[1][name]), name
     difference = max_relative_difference(ranks[0], expected)
-    print(f"{engine}: max relative difference to the single-process run {difference:.3g}")
+    print(f"{what}: max relative difference to the single-process run {difference:.3g}")
     assert difference <= FP32_ROUNDOFF
+
+
+def test_trainer_ddp_equals_the_single_process_run(tmp_path, single_process):
+    """HMoRATrainer in 2 processes (accelerate's multi-CPU DDP), the global batch its ranks' per-device batches:
+    equal to one process accumulating them."""
+    spawn(distributed_workers.trainer_engine, str(tmp_path))
+    assert_ranks_equal_single_process(tmp_path, single_process["trainer"], "Trainer DDP")
+
+
+def test_accelerate_launch_runs_the_trainer_data_parallel(tmp_path, single_process):
+    """The real launcher: `accelerate launch --multi_gpu --num_processes 2` of tests/accelerate_train.py (with no GPU,
+    accelerate runs the processes on the CPU with gloo)."""
+    script = Path(__file__).parent / "accelerate_train.py"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), str(script), str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(script.parent)}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_ranks_equal_single_process(tmp_path, single_process["trainer"], "accelerate launch")

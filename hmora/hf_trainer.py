@@ -60,6 +60,12 @@ class HMoRATrainerMixin:
             return super()._load_best_model()
         self._load_hmora_checkpoint(target, best)
 
+    def _load_rng_state(self, checkpoint) -> None:
+        # transformers < 4.49 reads its own rng_state.pth with torch.load's default, which torch >= 2.6 made
+        # weights_only: allow the numpy RNG state that Trainer itself wrote there
+        with torch.serialization.safe_globals(_numpy_rng_globals()):
+            return super()._load_rng_state(checkpoint)
+
     @staticmethod
     def _load_hmora_checkpoint(model, directory: str) -> None:
         config, tensors = read_checkpoint(directory)
@@ -73,6 +79,13 @@ class HMoRATrainerMixin:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         outputs = model(**inputs)
         return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+
+def _numpy_rng_globals() -> list:
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core  # numpy 2 / numpy 1
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
 @functools.lru_cache(maxsize=None)

@@ -196,3 +196,27 @@ def test_reference_checkpoint_with_null_target_modules_lora_routes_every_target(
     assert "model.layers.0.self_attn.o_proj" in owners and "model.layers.0.mlp.down_proj" in owners
     ids, mask, _ = batch()
     assert torch.equal(_logits(imported, ids, mask), _logits(source, ids, mask))
+
+
+def test_peft_api_disable_adapter_unload_and_loading_frozen(tmp_path):
+    """disable_adapter() and unload() give the base model's own logits; from_pretrained(is_trainable=False) freezes;
+    save_pretrained takes PEFT's keywords and refuses non-safetensors."""
+    ids, mask, _ = batch()
+    base_logits = _logits(tiny_base("qwen2"), ids, mask)
+    model = tiny_model("qwen2")
+    adapted = _logits(model, ids, mask)
+    assert not torch.allclose(adapted, base_logits)
+    with model.disable_adapter():
+        assert torch.equal(_logits(model, ids, mask), base_logits)
+    assert torch.equal(_logits(model, ids, mask), adapted)
+    assert model.get_base_model() is model.base_model and model.can_generate()
+    assert model.generation_config is model.base_model.generation_config
+    model.save_pretrained(tmp_path, is_main_process=True, safe_serialization=True)
+    with pytest.raises(ValueError, match="hmora writes only safetensors"):
+        model.save_pretrained(tmp_path, safe_serialization=False)
+    frozen = HMoRAModel.from_pretrained(tiny_base("qwen2"), tmp_path, is_trainable=False)
+    assert not frozen.training and frozen.trainable_parameter_names() == []
+    assert torch.equal(_logits(frozen, ids, mask), adapted)
+    unloaded = model.unload()
+    assert type(unloaded.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    assert torch.equal(unloaded(input_ids=ids, attention_mask=mask).logits.detach(), base_logits)

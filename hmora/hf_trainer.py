@@ -82,10 +82,15 @@ class HMoRATrainerMixin:
 
 
 def _numpy_rng_globals() -> list:
+    import importlib
+
     import numpy as np
 
-    core = getattr(np, "_core", None) or np.core  # numpy 2 / numpy 1
-    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    try:
+        multiarray = importlib.import_module("numpy._core.multiarray")  # numpy 2
+    except ImportError:
+        multiarray = importlib.import_module("numpy.core.multiarray")  # numpy 1
+    return [multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
 @functools.lru_cache(maxsize=None)

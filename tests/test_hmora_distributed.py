@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import distributed_workers
+from hmora.cli import torch_threads
 from distributed import (WORLD, adapter_state, data_parallel_model, free_port, load_ranks, max_relative_difference,
                          single_process_run, spawn)
 
@@ -22,8 +23,9 @@ FP32_ROUNDOFF = 1e-5  # relative; sums of the two shards' gradients in another o
 def single_process(tmp_path_factory):
     """engine -> the single-process run it must equal; each run moved every adapter tensor."""
     initial = adapter_state(data_parallel_model())
-    runs = {"batch": single_process_run(), "window": single_process_run(window=True),
-            "trainer": distributed_workers.trainer_single_process(str(tmp_path_factory.mktemp("trainer")), WORLD)}
+    with torch_threads(1):  # as every rank (tests/distributed.py): the GEMMs' own sum order is then the same
+        runs = {"batch": single_process_run(), "window": single_process_run(window=True),
+                "trainer": distributed_workers.trainer_single_process(str(tmp_path_factory.mktemp("trainer")), WORLD)}
     for run in runs.values():
         assert sum(not torch.equal(run[n], t) for n, t in initial.items()) == len(initial)
     return runs

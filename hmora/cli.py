@@ -39,7 +39,7 @@ from .plot import PLOT_FILE, matplotlib_available, plot_run
 from .tiny import build_tiny_base, build_tiny_tokenizer, synthetic_rows
 from .train import (ADAPTER_DIR, CHECKPOINT_PATTERN, DTYPES, METRICS_FILE, RUN_INFO_FILE, TENSORBOARD_DIR,
                     TOKENIZER_DIR, TrainArgs, TrainingInterrupted, latest_checkpoint, read_training_state,
-                    remove_stale_temporaries, seed_everything, train)
+                    remove_stale_temporaries, seed_everything, this_process, train)
 
 TINY_BASE_DIR = "base"
 TINY_NUM_ROWS = 4000
@@ -494,10 +494,45 @@ def _tensorboard(report_to: str) -> bool:
     return report_to != "none"
 
 
+@contextlib.contextmanager
+def launched_processes(device: torch.device) -> Iterator[torch.device]:
+    """Inside: this process joined to the others a launcher started (torchrun or accelerate launch put WORLD_SIZE > 1
+    in the environment), on the CUDA device of its LOCAL_RANK when it trains on CUDA; yields its device. A single
+    process (or one whose process group is already initialised) is left as it is."""
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes == 1 or torch.distributed.is_initialized():
+        yield device
+        return
+    if device.type == "cuda":
+        if device.index is not None:
+            raise ValueError(f"--device {device}: under a launcher every process trains on the GPU of its LOCAL_RANK; "
+                             "give --device cuda")
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield device
+        torch.distributed.barrier()  # the processes end together (the main one reports, plots and generates last)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def run_training(args: argparse.Namespace) -> str:
-    """Check the flags, build or resume the run, train and evaluate it, report, plot, reload and generate."""
+    """Check the flags, build or resume the run, train and evaluate it, report, plot, reload and generate; in
+    every process a launcher started, each training its share of the data (only the main one writes and prints)."""
     device = check_device(args.device)
     check_backend(getattr(args, "backend", "auto"), device)
+    with launched_processes(device) as device:
+        return _run_training(args, device)
+
+
+def _silent(*_args, **_kwargs) -> None:
+    """print for a process other than the main one."""
+
+
+def _run_training(args: argparse.Namespace, device: torch.device) -> str:
+    main = this_process()[0] == 0
+    say = print if main else _silent
     stale_run = check_output_dir(args.output_dir, args.resume is not None, args.overwrite_output_dir)
     tensorboard = _tensorboard(args.report_to)
     loaded: Dict[str, List[Dict]] = {}
@@ -521,8 +556,9 @@ def run_training(args: argparse.Namespace) -> str:
     for warning in (truncation_warning(examples, run.max_length), truncation_warning(eval_examples, run.max_length,
                                                                                     "eval rows")):
         if warning:
-            print(warning)
-    run.model.print_trainable_parameters()
+            say(warning)
+    if main:
+        run.model.print_trainable_parameters()
 
     def evaluate_model() -> Dict:
         return evaluate(run.model, run.tokenizer, run.template, eval_rows, eval_examples,
@@ -532,16 +568,19 @@ def run_training(args: argparse.Namespace) -> str:
     def write_base(directory: str) -> None:
         run.tiny_base.save_pretrained(os.path.join(directory, TINY_BASE_DIR))
 
-    for name in stale_run:  # --overwrite_output_dir: the old run goes once the new one is ready to train
-        path = os.path.join(args.output_dir, name)
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    remove_stale_temporaries(args.output_dir)
+    if main:
+        for name in stale_run:  # --overwrite_output_dir: the old run goes once the new one is ready to train
+            path = os.path.join(args.output_dir, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        remove_stale_temporaries(args.output_dir)
     info = {"base_model": run.base_model, "dataset": run.dataset, "eval_dataset": run.eval_dataset,
             "template": run.template.name, "max_length": run.max_length}
     result = train(run.model, examples, run.train_args, pad_id=run.tokenizer.pad_token_id, tokenizer=run.tokenizer,
                    run_info=info, write_extra=write_base if run.tiny_base is not None else None,
                    resume_from=run.resume_from, evaluate=evaluate_model if eval_rows else None,
                    tensorboard=tensorboard)
+    if not main:  # the main process reports, plots and generates
+        return result.checkpoint
     if result.history:
         first, window = result.history[0], result.history[-min(len(result.history), run.train_args.log_steps):]
         print(f"loss {first.loss:.4f} at step {first.step} -> {sum(h.loss for h in window) / len(window):.4f} "

@@ -1,8 +1,16 @@
-"""The training loop of the reference recipe (SPEC 5), with atomic checkpoints and exact resume.
+"""The training loop of the reference recipe (SPEC 5), with atomic checkpoints and exact resume, in one process or
+data-parallel in several (torch DDP, under torchrun or accelerate launch).
 
-Per optimizer step: `accumulation_steps` micro-batches, each `out.loss.backward()` on its own (the losses are
-summed, not divided); then the task-router auxiliary loss once over every sequence of the window
-(`model.task_aux_loss` on the concatenated task batch, its own backward); optional clipping; AdamW; schedule.
+Per optimizer step: a window of `accumulation_steps` micro-batches per process, each `out.loss.backward()` on its
+own (the losses are summed, not divided); the task-router auxiliary loss once per step over every sequence of the
+window, inside the last micro-batch's forward (`task_loss_input_ids`); optional clipping; AdamW; schedule; the
+rank-wise routing bias update.
+
+Across W processes the recipe's sums stay sums: W processes with accumulation A take, per step, the next W * A
+micro-batches of the one data stream (process r the micro-batches r, r + W, r + 2W, ...), their gradients are
+summed (not averaged) and the main process's last forward carries the task-router loss over all W * A micro-batches'
+sources. So a W-process run equals one process with accumulation W * A over the same micro-batches, up to the
+order of float sums and the dropout masks (each process draws its own, from seed + rank).
 
 A checkpoint directory `checkpoint-N/` holds `adapter/` (model.save_pretrained), `tokenizer/`, `run.json` (what
 the caller says the run is, plus the step) and `training_state.pt` (optimizer, scheduler, RNG states, data
@@ -11,6 +19,7 @@ position). It is written to a temporary directory and renamed into place, so a c
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -22,10 +31,10 @@ import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from statistics import fmean
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 import hmora_kernels
@@ -114,21 +123,22 @@ class TrainArgs:
     def batches_per_epoch(self, num_rows: int) -> int:
         return math.ceil(num_rows / self.batch_size)
 
-    def total_steps(self, num_rows: int) -> int:
+    def total_steps(self, num_rows: int, processes: int = 1) -> int:
         """Optimizer steps of the run: --max_steps if given (as in HF Trainer, it wins over --num_epochs), else
-        what --num_epochs of data give."""
+        what --num_epochs of data give (a step takes accumulation_steps micro-batches in each of `processes`)."""
         if self.max_steps is not None:
             return self.max_steps
-        available = self.num_epochs * self.batches_per_epoch(num_rows) // self.accumulation_steps
+        available = self.num_epochs * self.batches_per_epoch(num_rows) // (self.accumulation_steps * processes)
         if available < 1:
+            across = f" in each of {processes} processes" if processes > 1 else ""
             raise ValueError(f"{num_rows} rows in batches of {self.batch_size} give "
                              f"{self.num_epochs * self.batches_per_epoch(num_rows)} micro-batches, fewer than one "
-                             f"optimizer step of --accumulation_steps {self.accumulation_steps}")
+                             f"optimizer step of --accumulation_steps {self.accumulation_steps}{across}")
         return available
 
-    def epochs_needed(self, num_rows: int) -> int:
+    def epochs_needed(self, num_rows: int, processes: int = 1) -> int:
         """Passes over the data that total_steps takes."""
-        micro_batches = self.total_steps(num_rows) * self.accumulation_steps
+        micro_batches = self.total_steps(num_rows, processes) * self.accumulation_steps * processes
         return math.ceil(micro_batches / self.batches_per_epoch(num_rows))
 
     def warmup(self, total_steps: int) -> int:
@@ -137,18 +147,33 @@ class TrainArgs:
 
 @dataclass
 class StepLog:
-    """One optimizer step, as metrics.jsonl records it."""
+    """One optimizer step, as metrics.jsonl records it (over every process's micro-batches)."""
 
     step: int
     epoch: float           # passes over the data so far
-    loss: float            # mean micro-batch loss (lambda_lm * CE + lambda_aux * aux) plus the task-router loss
+    loss: float            # mean micro-batch loss (out.loss without the task-router loss) plus the task-router loss
     ce: float              # mean micro-batch cross-entropy (label smoothing included)
-    aux: float             # mean micro-batch token-router auxiliary loss (unweighted)
-    task_aux: float        # the task-router loss of the step (lambda_aux included)
+    aux: float             # mean micro-batch out.aux_loss: HMoRA's token-router loss unweighted (lambda_aux weighs it
+    #                        in the loss); under a routing variant its losses times their coefficients, as in the loss
+    task_aux: float        # the task-router loss of the step, as in the loss (lambda_aux included; 0 under a variant)
     lr: float              # learning rate of this step (the B matrices: eta_b times it)
     grad_norm: float       # L2 norm of every trainable gradient, before clipping
     routing_entropy: float  # mean routing entropy (nats) over token routers and real tokens
     tokens_per_s: float    # real (non-padding) tokens of the step / its wall time
+    # a routing variant's losses (out.aux_loss_terms: "balance", "z", "entropy"), each unweighted, mean micro-batch
+    aux_terms: Dict[str, float] = field(default_factory=dict)
+
+    def record(self) -> Dict:
+        """The metrics.jsonl line: the fields, aux_terms flattened to aux_<name>."""
+        record = asdict(self)
+        record.update({f"aux_{name}": value for name, value in record.pop("aux_terms").items()})
+        return record
+
+    def summary(self) -> str:
+        """The auxiliary losses for the log line: aux, or a variant's own losses by name."""
+        if self.aux_terms:
+            return "  ".join(f"aux_{name} {value:.4f}" for name, value in self.aux_terms.items())
+        return f"aux {self.aux:.4f}"
 
 
 @dataclass
@@ -172,27 +197,64 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> Dict:
+    """This process's random state: Python's, torch's CPU generator and, when CUDA is in use, the current device's
+    (under a launcher each process owns one device)."""
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: Dict) -> None:
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        # a list: every device's state, as checkpoints before data-parallel training saved it
+        torch.cuda.set_rng_state_all(cuda) if isinstance(cuda, (list, tuple)) else torch.cuda.set_rng_state(cuda)
+
+
+def this_process() -> Tuple[int, int]:
+    """(rank, number of processes) of torch.distributed's default group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def every_rng_state(processes: int) -> List[Dict]:
+    """Every process's `rng_state()`, in rank order (a collective when there are several)."""
+    if processes == 1:
+        return [rng_state()]
+    states: List[Optional[Dict]] = [None] * processes
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
+def sum_over_processes(values: List[float], processes: int) -> List[float]:
+    """Element-wise sums of `values` over the processes (float64, one all-reduce)."""
+    if processes == 1:
+        return values
+    total = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(total)
+    return total.tolist()
+
+
+def _sum_gradients(state, bucket):
+    """DDP communication hook: the processes' gradients summed, not averaged (DDP's default divides by their
+    number): the recipe sums its micro-batch losses, and a step's micro-batches are spread over the processes."""
+    return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda done: done.value()[0])
 
 
 def routing_entropy(router_probs: Dict[str, torch.Tensor], attention_mask: torch.Tensor) -> float:
-    """Mean over routers of the mean entropy (nats) of their (B, S, E) routing probabilities on real tokens."""
+    """Mean over routers of the mean entropy (nats) of their (B, S, E) routing probabilities on real tokens
+    (rank-wise routing: of its sigmoid scores normalised to sum 1)."""
     if not router_probs:
         return float("nan")
     mask = attention_mask.to(torch.float32)
     entropies = []
     for probs in router_probs.values():
         p = probs.detach().float()
+        p = p / p.sum(-1, keepdim=True)  # rank-wise routers give sigmoid scores, not a distribution
         token_entropy = hmora_kernels.entropy(p)
         entropies.append((token_entropy * mask).sum() / mask.sum().clamp_min(1.0))
     return torch.stack(entropies).mean().item()
@@ -255,14 +317,16 @@ def _apply_umask(top: str) -> None:
 
 
 def save_checkpoint(directory: str, model, tokenizer, optimizer, scheduler, step: int, position: BatchPosition,
-                    run_info: Dict, write_extra: Optional[Callable[[str], None]] = None) -> str:
-    """Write checkpoint `directory` atomically; `write_extra(tmp_dir)` adds the caller's files (e.g. the base)."""
+                    run_info: Dict, write_extra: Optional[Callable[[str], None]] = None,
+                    rng_states: Optional[List[Dict]] = None) -> str:
+    """Write checkpoint `directory` atomically; `write_extra(tmp_dir)` adds the caller's files (e.g. the base).
+    `rng_states`: every process's RNG state in rank order (default: this process's)."""
     def write(tmp: str) -> None:
         model.save_pretrained(os.path.join(tmp, ADAPTER_DIR))
         if tokenizer is not None:
             tokenizer.save_pretrained(os.path.join(tmp, TOKENIZER_DIR))
         torch.save({"step": step, "position": asdict(position), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "rng": rng_state()},
+                    "scheduler": scheduler.state_dict(), "rng": rng_states or [rng_state()]},
                    os.path.join(tmp, TRAINING_STATE_FILE))
         with open(os.path.join(tmp, RUN_INFO_FILE), "w", encoding="utf-8") as f:
             json.dump({**run_info, "step": step}, f, indent=1)
@@ -301,50 +365,91 @@ def read_training_state(checkpoint: str) -> Dict:
     return state
 
 
-def load_training_state(checkpoint: str, optimizer, scheduler) -> tuple:
-    """Restore optimizer, scheduler and RNG states from `checkpoint`; returns (step, next data position)."""
+def load_training_state(checkpoint: str, optimizer, scheduler, rank: int = 0) -> Tuple[int, BatchPosition, int]:
+    """Restore optimizer, scheduler and process `rank`'s RNG state from `checkpoint` (a process the saved run did not
+    have keeps its own); returns (step, next data position, number of processes the run was saved by)."""
     state = read_training_state(checkpoint)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
-    return state["step"], BatchPosition(**state["position"])
+    rng_states = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # older: one process's
+    if rank < len(rng_states):
+        set_rng_state(rng_states[rank])
+    return state["step"], BatchPosition(**state["position"]), len(rng_states)
 
 
 @dataclass
 class WindowLog:
-    loss: float
-    ce: float
-    aux: float
-    task_aux: float
-    routing_entropy: float
-    tokens: int
+    """Sums over the micro-batches of a window (one process's, or, after `over_processes`, the whole step's)."""
+
+    micro_batches: int = 0
+    loss: float = 0.0      # out.loss without the task-router loss
+    ce: float = 0.0
+    aux: float = 0.0
+    task_aux: float = 0.0  # the task-router loss as it is in out.loss (only in the forward that takes it)
+    routing_entropy: float = 0.0
+    tokens: int = 0
+    aux_terms: Dict[str, float] = field(default_factory=dict)
+
+    def add(self, out, attention_mask: torch.Tensor, task_aux: float) -> None:
+        self.micro_batches += 1
+        self.loss += out.loss.item() - task_aux
+        self.ce += out.ce_loss.item()
+        self.aux += out.aux_loss.item()
+        self.task_aux += task_aux
+        self.routing_entropy += routing_entropy(out.router_probs, attention_mask)
+        self.tokens += int(attention_mask.sum())
+        for name, term in (getattr(out, "aux_loss_terms", None) or {}).items():
+            self.aux_terms[name] = self.aux_terms.get(name, 0.0) + term.item()
+
+    def over_processes(self, processes: int, stop: bool) -> Tuple["WindowLog", bool]:
+        """The sums over every process's window, and whether any process was asked to stop (one all-reduce)."""
+        names = list(self.aux_terms)
+        totals = sum_over_processes([self.micro_batches, self.loss, self.ce, self.aux, self.task_aux,
+                                     self.routing_entropy, self.tokens, float(stop),
+                                     *(self.aux_terms[n] for n in names)], processes)
+        count, loss, ce, aux, task_aux, entropy, tokens, stops, *terms = totals
+        return WindowLog(int(count), loss, ce, aux, task_aux, entropy, int(tokens), dict(zip(names, terms))), stops > 0
+
+    def step_log(self, step: int, epoch: float, lr: float, grad_norm: float, seconds: float) -> StepLog:
+        n = self.micro_batches
+        return StepLog(step, epoch, self.loss / n + self.task_aux, self.ce / n, self.aux / n, self.task_aux, lr,
+                       grad_norm, self.routing_entropy / n, self.tokens / seconds,
+                       {name: value / n for name, value in self.aux_terms.items()})
 
 
-def accumulate_window(model, micro_batches: Sequence[Sequence[Example]], pad_id: int, bf16: bool) -> WindowLog:
-    """Backward of every micro-batch loss (summed, not divided), then of the task-router loss over all
-    sequences of the window. Means are over the window's micro-batches.
+def task_loss_weight(model) -> float:
+    """The weight of out.task_aux_loss inside out.loss: lambda_auxiliary, or 0 under a routing variant (its task
+    routers have no loss)."""
+    config = model.hmora_config
+    return 0.0 if config.routing_variant is not None else config.lambda_auxiliary
+
+
+def accumulate_window(model, micro_batches: Sequence[Sequence[Example]], pad_id: int, bf16: bool,
+                      task_sources: Optional[Sequence[Sequence[int]]] = None, data_parallel=None) -> WindowLog:
+    """Backward of every micro-batch loss (summed, not divided). The last forward also takes the task-router loss
+    over `task_sources`, the task ids of every sequence of the optimizer step (None: no task-router loss in this
+    process's forwards). `data_parallel`: the DDP wrapper of `model`, whose gradients are synchronised in the last
+    backward only.
 
     (Why not HF Trainer or accelerate's accumulate(): they divide the micro-batch losses, and the recipe's
-    task-router loss is one extra backward per optimizer step over the whole window.)"""
+    task-router loss is one term per optimizer step over the whole window.)"""
     device = next(model.parameters()).device
-    losses, ces, aux_losses, entropies, tokens = [], [], [], [], 0
-    for micro in micro_batches:
+    forward = data_parallel or model
+    weight = task_loss_weight(model)
+    log = WindowLog()
+    for index, micro in enumerate(micro_batches):
+        last = index == len(micro_batches) - 1
         batch = {k: v.to(device) for k, v in collate(micro, pad_id).items()}
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = model(**batch, with_task_loss=False)  # the task-router loss comes once per window, below
-        out.loss.backward()
-        losses.append(out.loss.item())
-        ces.append(out.ce_loss.item())
-        aux_losses.append(out.aux_loss.item())
-        entropies.append(routing_entropy(out.router_probs, batch["attention_mask"]))
-        tokens += int(batch["attention_mask"].sum())
-    task_ids, task_mask = left_pad([e.task_ids for micro in micro_batches for e in micro], pad_id)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        task_loss = model.task_aux_loss(task_ids.to(device), task_mask.to(device))
-    if task_loss.requires_grad:  # no task routers: a constant zero
-        task_loss.backward()
-    return WindowLog(fmean(losses) + task_loss.item(), fmean(ces), fmean(aux_losses), task_loss.item(),
-                     fmean(entropies), tokens)
+        task_loss = {"with_task_loss": False}
+        if last and task_sources is not None:
+            ids, mask = left_pad(task_sources, pad_id)
+            task_loss = {"task_loss_input_ids": ids.to(device), "task_loss_attention_mask": mask.to(device)}
+        with contextlib.nullcontext() if last or data_parallel is None else data_parallel.no_sync():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                out = forward(**batch, **task_loss)
+            out.loss.backward()
+        log.add(out, batch["attention_mask"], 0.0 if out.task_aux_loss is None else weight * out.task_aux_loss.item())
+    return log
 
 
 class MetricsLog:
@@ -421,19 +526,44 @@ class StopOnCtrlC:
             signal.signal(signal.SIGINT, self.previous)
 
 
+def wrap_data_parallel(model, processes: int):
+    """`model` in torch's DistributedDataParallel with summed gradients (`_sum_gradients`), or None in one process.
+
+    (Why DDP itself and not accelerate's Accelerator: the loop needs only DDP's no_sync and gradient all-reduce;
+    accelerate's backward divides by its accumulation steps and its prepared optimizer and dataloader would stand
+    between the loop and the recipe's summed losses, window task loss and exact resume. Both launchers, torchrun
+    and accelerate launch, start processes with the same environment, which is all this needs.)"""
+    if processes == 1:
+        return None
+    device = next(model.parameters()).device
+    # no buffer broadcast before each forward: the only buffer that changes, rank-wise routing's selection bias,
+    # moves identically in every process (update_routing_bias all-reduces its counts)
+    wrapped = torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=None if device.type == "cpu" else [device.index], forward_sync_buffers=False)
+    wrapped.register_comm_hook(None, _sum_gradients)
+    return wrapped
+
+
 def train(model, examples: Sequence[Example], args: TrainArgs, *, pad_id: int, tokenizer=None,
           run_info: Optional[Dict] = None, write_extra: Optional[Callable[[str], None]] = None,
           resume_from: Optional[str] = None, evaluate: Optional[Callable[[], Dict]] = None,
           tensorboard: bool = False, log: Callable[[str], None] = tqdm.write) -> TrainResult:
-    """Train `model` (an HMoRA model whose adapter weights are already those of `resume_from`, if given).
+    """Train `model` (an HMoRA model whose adapter weights are already those of `resume_from`, if given), in this
+    process or, when torch.distributed's default group is initialised, data-parallel with every process of it
+    (each calls train with the same arguments; see the module docstring for what the run then equals).
 
-    The model must return `loss`, `ce_loss`, `aux_loss` and `router_probs` from `model(**batch)` and offer
-    `task_aux_loss(task_input_ids, task_attention_mask)` and `save_pretrained(dir)`. `evaluate()` (optional)
-    returns eval metrics (names without the `eval_` prefix); it runs every `eval_steps` steps and at the end,
-    under its own RNG state, so that evaluating never changes the training run.
+    The model must take `with_task_loss` / `task_loss_input_ids` / `task_loss_attention_mask` and return `loss`,
+    `ce_loss`, `aux_loss`, `task_aux_loss` and `router_probs` from `model(**batch)`, and have `hmora_config` and
+    `save_pretrained(dir)`. `evaluate()` (optional) returns eval metrics (names without the `eval_` prefix); it runs
+    every `eval_steps` steps and at the end, in the main process only, under its own RNG state, so that evaluating
+    never changes the training run. Only the main process (rank 0) writes checkpoints, metrics and log lines.
     """
-    total_steps = args.total_steps(len(examples))
-    epochs = args.epochs_needed(len(examples))
+    rank, processes = this_process()
+    main = rank == 0
+    if not main:
+        log = _quiet
+    total_steps = args.total_steps(len(examples), processes)
+    epochs = args.epochs_needed(len(examples), processes)
     if args.max_steps is not None and epochs > args.num_epochs:
         log(f"--max_steps {args.max_steps} takes {epochs} passes over the {len(examples)} rows, more than "
             f"--num_epochs {args.num_epochs}: --max_steps wins (as in HF Trainer)")
@@ -442,26 +572,38 @@ def train(model, examples: Sequence[Example], args: TrainArgs, *, pad_id: int, t
                                 args.polynomial_power, args.num_cycles)
     trainable = [p for p in model.parameters() if p.requires_grad]
     run_info = dict(run_info or {}, train_args=asdict(args))
-    for name in remove_stale_temporaries(args.output_dir):
-        log(f"removed {os.path.join(args.output_dir, name)}, left by an interrupted checkpoint write")
+    if main:
+        for name in remove_stale_temporaries(args.output_dir):
+            log(f"removed {os.path.join(args.output_dir, name)}, left by an interrupted checkpoint write")
     step, position = 0, BatchPosition()
-    seed_everything(args.seed)
+    seed_everything(args.seed + rank)  # every process its own dropout masks
     if resume_from is not None:
-        step, position = load_training_state(resume_from, optimizer, scheduler)
+        step, position, saved_by = load_training_state(resume_from, optimizer, scheduler, rank)
         log(f"resumed from {resume_from} at step {step}")
+        if saved_by != processes:
+            log(f"the run was saved by {saved_by} processes and continues in {processes}: its steps now take "
+                f"{args.accumulation_steps * processes} micro-batches, and the dropout masks are not those the "
+                "interrupted run would have drawn")
     metrics = MetricsLog(args.output_dir, resume_step=step if resume_from is not None else None,
-                         tensorboard=tensorboard)
+                         tensorboard=tensorboard) if main else None
     batches_per_epoch = args.batches_per_epoch(len(examples))
+    data_parallel = wrap_data_parallel(model, processes)
 
     def checkpoint() -> str:
         path = os.path.join(args.output_dir, f"checkpoint-{step}")
-        save_checkpoint(path, model, tokenizer, optimizer, scheduler, step, position, run_info, write_extra)
-        if args.save_total_limit is not None:
-            rotate_checkpoints(args.output_dir, args.save_total_limit)
+        rng_states = every_rng_state(processes)
+        if main:
+            save_checkpoint(path, model, tokenizer, optimizer, scheduler, step, position, run_info, write_extra,
+                            rng_states)
+            if args.save_total_limit is not None:
+                rotate_checkpoints(args.output_dir, args.save_total_limit)
+        if processes > 1:
+            dist.barrier()  # the checkpoint is on disk before any process goes on (and may read it)
         return path
 
     def run_evaluation() -> None:
-        with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
+        cuda = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=cuda):
             python_state = random.getstate()
             scores = evaluate()
             random.setstate(python_state)
@@ -474,18 +616,20 @@ def train(model, examples: Sequence[Example], args: TrainArgs, *, pad_id: int, t
 
     result = TrainResult(checkpoint=resume_from or "")
     stream = batch_order(len(examples), args.batch_size, args.seed, epochs, start=position)
-    bar = tqdm(total=total_steps, initial=step, desc="hmora-train", dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=step, desc="hmora-train", dynamic_ncols=True, disable=not main)
     model.train()
     saved_step = step if resume_from is not None else None
     try:
         with StopOnCtrlC(log) as stop:
-            while step < total_steps and not stop.requested:
+            stopping = False
+            while step < total_steps and not stopping:
                 started = time.perf_counter()
-                micro_batches = []
-                for _ in range(args.accumulation_steps):
-                    at, indices = next(stream)
-                    micro_batches.append([examples[i] for i in indices])
-                window = accumulate_window(model, micro_batches, pad_id, args.bf16)
+                # the step's W * A micro-batches in stream order; process r takes r, r + W, ...
+                window = [next(stream) for _ in range(args.accumulation_steps * processes)]
+                at = window[-1][0]
+                mine = [[examples[i] for i in indices] for _, indices in window[rank::processes]]
+                sources = [examples[i].task_ids for _, indices in window for i in indices] if main else None
+                own = accumulate_window(model, mine, pad_id, args.bf16, sources, data_parallel)
                 grads = [p.grad for p in trainable if p.grad is not None]
                 grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
                 if args.max_grad_norm is not None:
@@ -494,27 +638,36 @@ def train(model, examples: Sequence[Example], args: TrainArgs, *, pad_id: int, t
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
+                model.update_routing_bias()  # rank-wise routing's selection bias, every process alike; else no-op
+                totals, stopping = own.over_processes(processes, stop.requested)  # all stop after the same step
                 step += 1
                 position = BatchPosition(at.epoch, at.batch + 1)
-                entry = StepLog(step, at.epoch + (at.batch + 1) / batches_per_epoch, window.loss, window.ce,
-                                window.aux, window.task_aux, lr, grad_norm.item(), window.routing_entropy,
-                                window.tokens / (time.perf_counter() - started))
+                entry = totals.step_log(step, at.epoch + (at.batch + 1) / batches_per_epoch, lr, grad_norm.item(),
+                                        time.perf_counter() - started)
                 result.history.append(entry)
-                metrics.write(asdict(entry))
+                if main:
+                    metrics.write(entry.record())
                 bar.update(1)
-                bar.set_postfix(loss=f"{entry.loss:.4f}", lr=f"{lr:.2e}", entropy=f"{entry.routing_entropy:.3f}")
+                bar.set_postfix_str(f"loss {entry.loss:.4f}  {entry.summary()}  lr {lr:.2e}  "
+                                    f"entropy {entry.routing_entropy:.3f}")
                 if step % args.log_steps == 0 or step == total_steps:
-                    log(f"step {step:>5}/{total_steps}  loss {entry.loss:.4f}  aux {entry.aux:.4f}  lr {lr:.3e}  "
+                    log(f"step {step:>5}/{total_steps}  loss {entry.loss:.4f}  {entry.summary()}  lr {lr:.3e}  "
                         f"routing entropy {entry.routing_entropy:.3f}")
-                if evaluate is not None and (step == total_steps or (args.eval_steps and step % args.eval_steps == 0)):
+                if main and evaluate is not None and (step == total_steps or
+                                                      (args.eval_steps and step % args.eval_steps == 0)):
                     run_evaluation()
                 if step == total_steps or (args.save_steps and step % args.save_steps == 0):
                     result.checkpoint, saved_step = checkpoint(), step
-            if stop.requested and step < total_steps:
+            if stopping and step < total_steps:
                 if step and saved_step != step:
                     result.checkpoint, saved_step = checkpoint(), step
                 raise TrainingInterrupted(step, result.checkpoint if saved_step == step else None)
     finally:
         bar.close()
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
     return result
+
+
+def _quiet(message: str) -> None:
+    """The log of a process other than the main one: it says nothing."""

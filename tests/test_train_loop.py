@@ -19,7 +19,10 @@ VOCAB, HIDDEN, EXPERTS, PAD = 12, 8, 3, 0
 
 
 class StandIn(torch.nn.Module):
-    """A bag-of-embeddings LM with one token router, one task router and a dropout: the model API the loop uses."""
+    """A bag-of-embeddings LM with one token router, one task router and a dropout: the model API the loop uses
+    (the task routers' loss inside the forward, over this batch's sources or `task_loss_input_ids`)."""
+
+    hmora_config = SimpleNamespace(lambda_auxiliary=0.1, routing_variant=None)
 
     def __init__(self, dropout=0.0):
         super().__init__()
@@ -31,17 +34,28 @@ class StandIn(torch.nn.Module):
         self.task_router = torch.nn.Linear(HIDDEN, EXPERTS)
         self.dropout = dropout
 
-    def forward(self, input_ids, attention_mask, labels, task_input_ids, task_attention_mask, with_task_loss=True):
+    def forward(self, input_ids, attention_mask, labels, task_input_ids, task_attention_mask, with_task_loss=True,
+                task_loss_input_ids=None, task_loss_attention_mask=None):
         h = F.dropout(self.embed(input_ids), self.dropout, self.training)
         logits = h @ self.head_lora_A.T @ self.head_lora_B.T
         ce = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1), ignore_index=-100)
         probs = self.router(h).softmax(-1)
         aux = (probs.pow(2).sum(-1) * attention_mask).sum() / attention_mask.sum()
-        return SimpleNamespace(loss=ce + 0.1 * aux, ce_loss=ce.detach(), aux_loss=aux.detach(), router_probs={"r": probs})
+        loss, task = ce + 0.1 * aux, None
+        if with_task_loss:
+            given = task_loss_input_ids is not None
+            task = self.task_loss(task_loss_input_ids if given else task_input_ids,
+                                  task_loss_attention_mask if given else task_attention_mask)
+            loss = loss + 0.1 * task
+        return SimpleNamespace(loss=loss, ce_loss=ce.detach(), aux_loss=aux.detach(),
+                               task_aux_loss=None if task is None else task.detach(), router_probs={"r": probs})
 
-    def task_aux_loss(self, task_input_ids, task_attention_mask):
+    def task_loss(self, task_input_ids, task_attention_mask):
         pooled = (self.embed(task_input_ids) * task_attention_mask[..., None]).sum(1)
-        return 0.1 * self.task_router(pooled).softmax(-1).pow(2).sum(-1).mean()
+        return self.task_router(pooled).softmax(-1).pow(2).sum(-1).mean()
+
+    def update_routing_bias(self):
+        return {}
 
     def save_pretrained(self, directory):
         os.makedirs(directory, exist_ok=True)
@@ -85,9 +99,9 @@ def test_step_gradient_is_the_reference_recipe(monkeypatch, tmp_path):
     # the window: the first three batches of the seed-4 order
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(4)).tolist()
     window = [[data[i] for i in order[b * 2:(b + 1) * 2]] for b in range(3)]
-    total = sum(expected_model(**collate(micro, PAD)).loss for micro in window)
+    total = sum(expected_model(**collate(micro, PAD), with_task_loss=False).loss for micro in window)
     task_ids, task_mask = left_pad([e.task_ids for micro in window for e in micro], PAD)
-    total = total + expected_model.task_aux_loss(task_ids, task_mask)
+    total = total + 0.1 * expected_model.task_loss(task_ids, task_mask)
     total.backward()
     for (name, p), p_expected in zip(model.named_parameters(), expected_model.parameters()):
         if p.requires_grad:

@@ -29,7 +29,7 @@ import torch
 from hmora_kernels import BACKENDS
 from hmora_kernels.dispatch import interpreter_enabled, resolve as resolve_backend
 
-from .config import LORA_SCALINGS, MODEL_FAMILIES, POSITION_FREQUENCIES, RENORMS, HMoRAConfig
+from .config import LORA_SCALINGS, MODEL_FAMILIES, POSITION_FREQUENCIES, RENORMS, ROUTING_RECIPES, HMoRAConfig
 from .data import (DEFAULT_MAX_LENGTH, TEMPLATES, PromptTemplate, encode_rows, load_rows, template_for,
                    truncation_warning)
 from .evaluation import Sampling, evaluate, generate_answers, routing_report_lines
@@ -211,6 +211,11 @@ def train_parser() -> argparse.ArgumentParser:
                         "is installed; metrics.jsonl is always written)")
     parser.add_argument("--max_new_tokens", type=_at_least(1), default=16,
                         help="answer length for the exact-match evaluation and the demo at the end (default 16)")
+    parser.add_argument("--routing", choices=("default", *ROUTING_RECIPES), default=None,
+                        help="a routing strategy's recipe as the starting point of the method flags (README "
+                        "'Routing variants'; hmora.config.ROUTING_RECIPES): default is HMoRA's own; every method "
+                        "flag given on the command line overrides the recipe. switch computes its expert capacity "
+                        "for --max_length unless --max_sequence_length is given")
     _add_common_flags(parser)
     _add_dataclass_flags(parser.add_argument_group("training (reference script names)"), TrainArgs,
                          skip=("output_dir",), helps={})
@@ -384,6 +389,22 @@ def method_flags(args: argparse.Namespace) -> Dict:
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(HMoRAConfig) if hasattr(args, f.name)}
 
 
+def method_config_flags(args: argparse.Namespace, tiny: bool) -> Dict:
+    """The HMoRAConfig fields of a new run: the tiny default's settings (for the tiny default), then the --routing
+    recipe, then every method flag given on the command line. Switch's capacity is computed for the run's
+    --max_length unless --max_sequence_length is given."""
+    given = method_flags(args)
+    recipe = ROUTING_RECIPES.get(args.routing, {})
+    if args.routing is not None and given.get("routing_variant", recipe.get("routing_variant")) != \
+            recipe.get("routing_variant"):
+        raise ValueError(f"--routing {args.routing} and --routing_variant {given['routing_variant']} disagree; give "
+                         "one of them")
+    flags = {**(TINY_METHOD if tiny else {}), **recipe, **given}
+    if flags.get("routing_variant") == "switch" and "max_sequence_length" not in given:
+        flags["max_sequence_length"] = args.max_length or DEFAULT_MAX_LENGTH
+    return flags
+
+
 def training_args(args: argparse.Namespace, defaults: Dict) -> TrainArgs:
     """TrainArgs from `defaults` overridden by the training flags given on the command line (a --warmup_ratio
     given replaces the defaults' warmup_steps)."""
@@ -444,7 +465,7 @@ def new_run(args: argparse.Namespace, device) -> Run:
     eval_dataset = None if args.eval_dataset is None else os.path.abspath(args.eval_dataset)
     tiny = args.model is None
     train_args = training_args(args, TINY_TRAINING if tiny and dataset is None else {})
-    config_flags = {**(TINY_METHOD if tiny else {}), **method_flags(args)}
+    config_flags = method_config_flags(args, tiny)
     HMoRAConfig(**config_flags)  # a bad value fails here, before a model is built or loaded
     tiny_base = None
     if tiny:
@@ -465,8 +486,9 @@ def new_run(args: argparse.Namespace, device) -> Run:
 def resumed_run(args: argparse.Namespace, device) -> Run:
     """The run of the checkpoint --resume names: its model, config, datasets and training flags (flags given
     again override the training ones, --model and --dataset say where the same base and data now live)."""
-    if method_flags(args):
-        raise ValueError(f"--resume continues the checkpoint's method config; drop {sorted(method_flags(args))}")
+    given = sorted(method_flags(args)) + (["routing"] if args.routing is not None else [])
+    if given:
+        raise ValueError(f"--resume continues the checkpoint's method config; drop {given}")
     if args.max_length is not None:
         raise ValueError("--resume keeps the run's --max_length; drop --max_length")
     checkpoint = resolve_checkpoint(args.output_dir if args.resume == "latest" else args.resume)
@@ -588,7 +610,8 @@ def _run_training(args: argparse.Namespace, device: torch.device) -> str:
     print(f"saved {result.checkpoint}")
 
     report_rows, what = (eval_rows, "eval rows") if eval_rows else (rows[:256], "training rows")
-    report = routing_report_lines(run.model, run.tokenizer, report_rows, run.max_length, what)
+    report = routing_report_lines(run.model, run.tokenizer, run.template, report_rows, run.max_length, what,
+                                  run.train_args.batch_size)
     if report:
         print(report)
     if matplotlib_available():

@@ -146,8 +146,10 @@ def test_local_model_and_dataset(tmp_path, capsys, family, template, extra):
     assert train_main(["--model", model, "--dataset", dataset, "--output_dir", out_dir, "--max_steps", "2",
                        *TINY_METHOD_FLAGS, *FAST, *extra]) == 0
     printed = capsys.readouterr().out
-    # the rows carry a 'task' field, so routing is reported per task where there are task routers
-    assert ("per-task routing" in printed) == ("--no-use_task_router" not in extra)
+    # the rows carry a 'task' field, so routing is reported per task: the task routers' probabilities, or without
+    # task routers the share of tokens each expert gets
+    assert ("per-task routing on training rows" if "--no-use_task_router" not in extra else
+            "per-task expert usage on training rows (HMoRA token routing: share of real tokens") in printed
     with open(os.path.join(out_dir, "checkpoint-2", "run.json")) as f:
         run = json.load(f)
     assert (run["base_model"], run["template"], run["dataset"]) == (model, template, dataset)
@@ -490,3 +492,62 @@ def test_report_to_tensorboard_without_the_package(tmp_path, capsys, monkeypatch
     assert "--report_to tensorboard: the tensorboard package is not installed; pip install 'hmora[tensorboard]'" in \
         error_of(capsys, train_main, ["--output_dir", str(tmp_path / "run"), "--report_to", "tensorboard"])
     assert not os.path.exists(tmp_path / "run")
+
+
+# ---- routing variants (--routing) ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv, expected", [
+    # the recipe, then the flags given: --balance_loss_coef overrides, switch's capacity follows --max_length
+    (["--routing", "switch", "--max_length", "64", "--balance_loss_coef", "0.01"],
+     dict(routing_variant="switch", use_div_loss=False, router_bias=False, router_init_std=0.02,
+          balance_loss_coef=0.01, max_sequence_length=64, num_experts=4)),
+    (["--routing", "switch", "--max_sequence_length", "128"], dict(max_sequence_length=128)),
+    (["--routing", "switch"], dict(max_sequence_length=1024)),  # the default --max_length
+    (["--routing", "mixlora", "--top_k", "1"], dict(renorm="sum", top_k=1, router_init_std=0.02)),
+    (["--routing", "top_p", "--top_p", "0.5", "--routing_variant", "top_p"], dict(top_p=0.5, router_bias=False)),
+    (["--routing", "rank_wise", "--lora_alpha", "8"], dict(use_task_router=False, use_hydra_lora=False, lora_alpha=8)),
+    (["--routing", "default"], dict(routing_variant=None, use_div_loss=True, lora_alpha=16)),  # the tiny default's
+])
+def test_routing_starts_from_the_recipe_and_flags_given_win(argv, expected):
+    from hmora import HMoRAConfig
+    from hmora.cli import method_config_flags, train_parser
+
+    config = HMoRAConfig(**method_config_flags(train_parser().parse_args(argv), tiny=True))
+    assert {name: getattr(config, name) for name in expected} == expected
+
+
+def test_routing_flag_errors(tmp_path, capsys):
+    out = ["--output_dir", str(tmp_path / "run")]
+    assert "--routing switch and --routing_variant top_p disagree" in error_of(
+        capsys, train_main, ["--routing", "switch", "--routing_variant", "top_p", *out])
+    assert "drop ['routing']" in error_of(capsys, train_main, ["--resume", "--routing", "switch", *out])
+    assert "argument --routing: invalid choice: 'moe'" in argparse_error_of(capsys, train_main, ["--routing", "moe"])
+    assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.parametrize("variant, flags, terms", [
+    ("switch", ["--expert_capacity", "3"], ["aux_balance", "aux_z"]),  # 3 tokens per expert and sequence: drops
+    ("top_p", [], ["aux_balance", "aux_entropy"]),
+])
+def test_routing_variant_trains_the_default_and_reports_its_expert_usage(tmp_path, capsys, variant, flags, terms):
+    out_dir = tmp_path / "run"
+    assert train_main(["--routing", variant, *flags, "--output_dir", str(out_dir), "--max_steps", "2",
+                       *SMALL_DEFAULT]) == 0
+    printed = capsys.readouterr().out
+    with open(out_dir / "checkpoint-2" / "adapter" / "hmora_config.json") as f:
+        assert json.load(f)["routing_variant"] == variant
+    steps = [r for r in read_metrics(out_dir) if "loss" in r]
+    # the variant's own losses, unweighted, beside out.aux_loss (weighted by their coefficients under a variant)
+    assert all(r[t] > 0 for r in steps for t in terms) and all(r["task_aux"] == 0 for r in steps)
+    assert f"step     2/2  loss {steps[1]['loss']:.4f}  {terms[0]} {steps[1][terms[0]]:.4f}" in printed
+    usage = [r for r in read_metrics(out_dir) if "eval_loss" in r][-1]["eval_expert_usage"]
+    assert sorted(usage) == ["add", "reverse", "sort", "upper"]
+    assert f"per-task expert usage on eval rows ({variant}: share of real tokens" in printed
+    if variant == "switch":
+        # top-1 with a capacity: each real token has one expert or none
+        dropped = [r for r in read_metrics(out_dir) if "eval_loss" in r][-1]["eval_dropped"]
+        assert all(sum(usage[t]) + dropped[t] == pytest.approx(1, abs=1e-3) for t in usage)
+        assert all(0.5 < d < 1 for d in dropped.values())  # ~30 real tokens a sequence, at most 4 x 3 kept
+        assert "dropped: routed to no expert by the capacity" in printed
+    else:
+        # top-p keeps at least keep_top_k = 2 experts a token
+        assert all(sum(shares) >= 2 - 1e-3 and max(shares) <= 1 for shares in usage.values())

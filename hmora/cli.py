@@ -424,7 +424,8 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
         except TrainingInterrupted as stop:
             saved = (f"saved {stop.checkpoint}; continue with: hmora-train --output_dir {args.output_dir} --resume"
                      if stop.checkpoint else "no step was complete, nothing saved")
-            print(f"hmora-train: interrupted at step {stop.step}; {saved}", file=sys.stderr)
+            if os.environ.get("RANK", "0") == "0":  # under a launcher, every process stopped at this step
+                print(f"hmora-train: interrupted at step {stop.step}; {saved}", file=sys.stderr)
             return EXIT_INTERRUPTED
         except KeyboardInterrupt:
             print("hmora-train: interrupted before training started; nothing saved", file=sys.stderr)

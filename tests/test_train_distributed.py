@@ -3,16 +3,16 @@ the run equals one process accumulating both ranks' micro-batches (hmora.train's
 equals), the ranks stay bit-identical, only rank 0 writes, and a resumed 2-process run continues exactly."""
 import json
 import os
-import signal
 from pathlib import Path
 
 import pytest
 import torch
 
-from distributed import max_relative_difference, spawn
-from test_train_cli import TINY_METHOD_FLAGS, adapter_tensors, jsonl, local_model, read_metrics
 from hmora.cli import train_main
 from hmora.tiny import synthetic_rows
+from distributed import max_relative_difference, spawn
+from interruption import ctrl_c_during_step
+from test_train_cli import TINY_METHOD_FLAGS, adapter_tensors, jsonl, local_model, read_metrics
 
 pytestmark = pytest.mark.distributed
 
@@ -34,15 +34,7 @@ def train_rank(rank, world, argv, out_dir, ctrl_c_at_step=None):
     cli.train = lambda model, *args, **kwargs: trained.append(model) or train(model, *args, **kwargs)
     train_module.save_checkpoint = lambda directory, *a, **k: saved.append(directory) or save(directory, *a, **k)
     if ctrl_c_at_step is not None and rank == 0:
-        step, calls = torch.optim.AdamW.step, []
-
-        def step_with_ctrl_c(self, *args, **kwargs):
-            calls.append(1)
-            if len(calls) == ctrl_c_at_step:
-                os.kill(os.getpid(), signal.SIGINT)
-            return step(self, *args, **kwargs)
-
-        torch.optim.AdamW.step = step_with_ctrl_c
+        ctrl_c_during_step(pytest.MonkeyPatch(), ctrl_c_at_step)  # this forked process's own patch
     status = cli.train_main(argv)
     adapter = {n: p.detach().clone() for n, p in trained[0].adapter_named_parameters().items()}
     torch.save({"status": status, "saved": saved, "adapter": adapter}, Path(out_dir) / f"rank{rank}.pt")

@@ -8,6 +8,7 @@ The task router reads the raw `source` tokens (no template), left padded.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -243,16 +244,17 @@ class BatchPosition:
     batch: int = 0
 
 
-def batch_order(num_rows: int, batch_size: int, seed: int, num_epochs: int,
+def batch_order(num_rows: int, batch_size: int, seed: int, num_epochs: Optional[int],
                 start: BatchPosition = BatchPosition()) -> Iterator[Tuple[BatchPosition, List[int]]]:
     """(position, row indices) of every batch from `start` on; epoch e shuffles with a generator seeded seed + e.
+    `num_epochs` None: without end (the caller stops drawing).
 
     The order depends only on (num_rows, batch_size, seed), so a resumed run continues the same stream.
     The last batch of an epoch may be smaller.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    for epoch in range(start.epoch, num_epochs):
+    for epoch in itertools.count(start.epoch) if num_epochs is None else range(start.epoch, num_epochs):
         order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
         first = start.batch if epoch == start.epoch else 0
         for batch in range(first, -(-num_rows // batch_size)):

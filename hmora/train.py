@@ -615,7 +615,9 @@ def train(model, examples: Sequence[Example], args: TrainArgs, *, pad_id: int, t
                                                   if isinstance(v, float)))
 
     result = TrainResult(checkpoint=resume_from or "")
-    stream = batch_order(len(examples), args.batch_size, args.seed, epochs, start=position)
+    # without end: the steps say when to stop (a run resumed in fewer processes than it was saved by needs more
+    # passes than its own count says)
+    stream = batch_order(len(examples), args.batch_size, args.seed, None, start=position)
     bar = tqdm(total=total_steps, initial=step, desc="hmora-train", dynamic_ncols=True, disable=not main)
     model.train()
     saved_step = step if resume_from is not None else None

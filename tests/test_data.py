@@ -174,3 +174,10 @@ def test_tiny_tokenizer_round_trips_through_save(tokenizer, tmp_path):
     reloaded = AutoTokenizer.from_pretrained(tmp_path)
     assert reloaded(text)["input_ids"] == ids
     assert reloaded.padding_side == "left" and reloaded.pad_token_id == tokenizer.pad_token_id
+
+
+def test_batch_order_without_end_continues_the_same_stream():
+    bounded = list(batch_order(10, 4, seed=2, num_epochs=3))
+    endless = batch_order(10, 4, seed=2, num_epochs=None, start=bounded[4][0])
+    assert [next(endless) for _ in range(len(bounded) - 4)] == bounded[4:]
+    assert next(endless)[0] == BatchPosition(3, 0)  # and on into a fourth epoch

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
 
+from .dropout import DROPOUT_RNGS
 from .types import ROUTING_RULES, RankWise, Switch, TopP
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -41,6 +43,24 @@ def check_same_device(**tensors) -> None:
 def check_dropout(p: float) -> None:
     if not (isinstance(p, (int, float)) and 0.0 <= p < 1.0):
         raise ValueError(f"dropout_p: expected a probability in [0, 1), got {p!r}")
+
+
+def check_dropout_rng_and_seed(dropout_rng: str, seed, x: torch.Tensor) -> None:
+    if dropout_rng not in DROPOUT_RNGS:
+        raise ValueError(f"dropout_rng: expected one of {DROPOUT_RNGS}, got {dropout_rng!r}")
+    if isinstance(seed, torch.Tensor):
+        if seed.numel() != 1 or seed.dtype != torch.int64 or seed.device != x.device:
+            raise ValueError(
+                f"seed: expected a Python int or a 1-element int64 tensor on {x.device}, got a {seed.dtype} tensor "
+                f"of shape {_shape(seed)} on {seed.device}; draw one with torch.randint(0, 2**31 - 1, (1,), "
+                f"device=x.device)")
+    elif not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+        raise ValueError(f"seed: expected a Python int or a 1-element int64 tensor, got {type(seed).__name__}")
+
+
+def plain_seed(seed):
+    """A tensor seed as it is (reading it would wait for the device), an int as an int."""
+    return seed if isinstance(seed, torch.Tensor) else int(seed)
 
 
 def check_scaling(scaling) -> None:

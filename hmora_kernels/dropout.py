@@ -1,17 +1,30 @@
-"""Dropout masks from a counter-based stream, identical in every backend.
+"""Dropout masks, from one of two generators named by the ops' `dropout_rng` argument.
 
-keep[t, j] = uniform(stream_seed(seed, stream), t * d_in + j) >= p, where `uniform` is
-Triton's `tl.rand` (Philox 4x32-10), re-implemented here bit-exactly in PyTorch so the
-reference and torch backends draw the very masks the Triton kernels regenerate in registers.
+"philox" (bit-identical in every backend): keep[t, j] = uniform(stream_seed(seed, stream), t * d_in + j) >= p,
+    where `uniform` is Triton's `tl.rand` (Philox 4x32-10), re-implemented here bit-exactly in PyTorch, so the
+    reference and torch backends draw the very masks the Triton kernels regenerate in registers. It costs about
+    240 integer tensor operations per mask on CPU.
+"native" (each backend's fastest generator): the reference and torch backends draw 32 random bits per element
+    from torch's default generator and keep the element iff they are >= round(p 2^32) (as signed ints shifted by
+    2^31), so the drop probability is p to within 2^-32 (tl.rand's resolution is 2^-31). `seed` is not used:
+    torch.manual_seed and the generator's state decide, and activation checkpointing restores that state before it
+    recomputes. The triton backend draws its Philox stream of `seed` in registers, as for "philox". The masks are
+    independent Bernoulli draws in every backend, but the triton backend's differ from the other two.
 
-Streams of a routed group: 0 = the router's input, m + 1 = member m's input.
-A plain LoRA layer is a group with one member and no router, so its mask is stream 1.
+The seed is a Python int or a 1-element int64 tensor (drawn on the device, so that no layer waits for the host);
+both give the same stream. Streams of a routed group: 0 = the router's input, m + 1 = member m's input. A plain
+LoRA layer is a group with one member and no router, so its mask is stream 1.
 """
 from __future__ import annotations
 
+from typing import Union
+
 import torch
 
+DROPOUT_RNGS = ("philox", "native")
 ROUTER_STREAM = 0
+
+Seed = Union[int, torch.Tensor]
 
 _MASK32 = 0xFFFFFFFF
 _KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
@@ -25,8 +38,12 @@ def member_stream(member: int) -> int:
     return member + 1
 
 
-def stream_seed(seed: int, stream: int) -> int:
-    """One 64-bit Philox key per (seed, stream): the stream in the high word, the seed in the low."""
+def stream_seed(seed: Seed, stream: int) -> Seed:
+    """One 64-bit Philox key per (seed, stream): the stream in the high word, the seed's low 32 bits in the low.
+
+    An int seed gives an int, a tensor seed a tensor of the same value (no host round trip)."""
+    if isinstance(seed, torch.Tensor):
+        return (seed.to(torch.int64) & _MASK32) | (int(stream) << 32)
     return (int(stream) << 32) | (int(seed) & _MASK32)
 
 
@@ -40,13 +57,17 @@ def _mul32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return high, low
 
 
-def philox_uniform(key: int, offsets: torch.Tensor) -> torch.Tensor:
-    """Float32 uniforms in [0, 1) equal to Triton's `tl.rand(key, offsets)`, for int64 offsets >= 0."""
+def philox_uniform(key: Seed, offsets: torch.Tensor) -> torch.Tensor:
+    """Float32 uniforms in [0, 1) equal to Triton's `tl.rand(key, offsets)`, for int64 offsets >= 0.
+
+    `key` is an int or a 1-element int64 tensor (a `stream_seed`)."""
     offsets = offsets.to(torch.int64)
     c0 = offsets & _MASK32
     c1 = offsets >> 32
     c2 = torch.zeros_like(c0)
     c3 = torch.zeros_like(c0)
+    if isinstance(key, torch.Tensor):
+        key = key.reshape(())
     k0, k1 = key & _MASK32, (key >> 32) & _MASK32
     for _ in range(10):
         hi_b, lo_b = _mul32(_ROUND_B, c2)
@@ -58,16 +79,51 @@ def philox_uniform(key: int, offsets: torch.Tensor) -> torch.Tensor:
     return as_int32.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32)
 
 
-def keep_mask(shape: tuple[int, int], p: float, seed: int, stream: int, device=None) -> torch.Tensor:
-    """Boolean (T, d) keep-mask of one stream: element (t, j) uses Philox counter t * d + j."""
+# An opaque op to torch.compile: inductor would otherwise trace and try to fuse the ~240 integer operations of the
+# stream (it did not finish compiling one 16 x 64 mask in 600 s); as an extern call it compiles at once, and its
+# masks stay bit-identical to eager. Pure: the same key and shape give the same mask.
+@torch.library.custom_op("hmora::philox_keep_mask", mutates_args=())
+def _philox_keep_mask(key: torch.Tensor, rows: int, cols: int, p: float) -> torch.Tensor:
+    offsets = torch.arange(rows * cols, dtype=torch.int64, device=key.device).view(rows, cols)
+    return philox_uniform(key, offsets) >= p
+
+
+@_philox_keep_mask.register_fake
+def _(key, rows, cols, p):
+    return key.new_empty((rows, cols), dtype=torch.bool)
+
+
+def native_random_bits(n: int, device=None) -> torch.Tensor:
+    """n uniform int32 from torch's default generator: 64 bits per int64 draw, two elements each.
+
+    `torch.randint` over the whole int64 range takes one 64-bit draw per element, so viewing each as two int32
+    halves the generator's work: a mask costs 5.4 ns per element on one core of the machine in docs/BENCHMARKS.md,
+    against 8.9 for torch.rand >= p and 11.4 for bernoulli_ (whose vectorised MKL path serves Intel CPUs only).
+    A factory op, unlike Tensor.random_, so torch.compile traces it (and with
+    torch._inductor.config.fallback_random draws the same bits as eager)."""
+    draws = torch.randint(-2**63, 2**63 - 1, ((n + 1) // 2,), dtype=torch.int64, device=device)
+    return draws.view(torch.int32)[:n]
+
+
+def keep_mask(shape: tuple[int, int], p: float, seed: Seed, stream: int, device=None,
+              rng: str = "philox") -> torch.Tensor:
+    """Boolean (T, d) keep-mask of one stream (see the module docstring for the two generators).
+
+    philox: element (t, j) uses counter t * d + j of key `stream_seed(seed, stream)`."""
     rows, cols = shape
-    offsets = torch.arange(rows * cols, dtype=torch.int64, device=device).view(rows, cols)
-    return philox_uniform(stream_seed(seed, stream), offsets) >= p
+    if rng == "native":
+        return native_random_bits(rows * cols, device).view(rows, cols) >= -2**31 + round(p * 2**32)
+    if rng != "philox":
+        raise ValueError(f"dropout_rng: expected one of {DROPOUT_RNGS}, got {rng!r}")
+    key = stream_seed(seed, stream)
+    if not isinstance(key, torch.Tensor):
+        key = torch.tensor(key, dtype=torch.int64, device=device)
+    return _philox_keep_mask(key.reshape(()), rows, cols, float(p))
 
 
-def apply_dropout(x: torch.Tensor, p: float, seed: int, stream: int) -> torch.Tensor:
+def apply_dropout(x: torch.Tensor, p: float, seed: Seed, stream: int, rng: str = "philox") -> torch.Tensor:
     """Inverted dropout of a 2-D tensor with the stream's mask (identity when p == 0)."""
     if p == 0.0:
         return x
-    keep = keep_mask(tuple(x.shape), p, seed, stream, device=x.device)
+    keep = keep_mask(tuple(x.shape), p, seed, stream, device=x.device, rng=rng)
     return x * keep.to(x.dtype) / (1.0 - p)

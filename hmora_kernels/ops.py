@@ -7,6 +7,7 @@ import torch
 
 from . import checks
 from .dispatch import module_for, resolve
+from .dropout import Seed
 from .types import GroupOutput, RankWise, Switch, TopP
 
 RoutingRule = Union[Switch, TopP, RankWise]
@@ -15,16 +16,22 @@ FREQUENCIES = ("selected", "gate_values")
 
 def lora(
     x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, *,
-    dropout_p: float = 0.0, seed: int = 0, base: Optional[torch.Tensor] = None, backend: str = "auto",
+    dropout_p: float = 0.0, seed: Seed = 0, dropout_rng: str = "philox", base: Optional[torch.Tensor] = None,
+    reuse_base: bool = False, backend: str = "auto",
 ) -> torch.Tensor:
     """Plain LoRA: base + s * (drop(x) A^T) B^T.
 
     x (T, d_in); A (r, d_in); B (d_out, r); base (T, d_out) or None (then the delta alone is returned).
-    The dropout mask is stream 1 of `seed` (see `hmora_kernels.dropout`).
+    Dropout: stream 1 of `seed` (an int or a 1-element int64 tensor on x's device), drawn by `dropout_rng`
+    ("philox": the same mask in every backend; "native": each backend's fastest generator; see
+    `hmora_kernels.dropout`). reuse_base=True allows the op to write the output into base's storage (the torch
+    backend does; the caller must not read base afterwards), sparing a new (T, d_out) tensor.
     """
     checks.check_lora(x, A, B, scaling, dropout_p, base)
+    checks.check_dropout_rng_and_seed(dropout_rng, seed, x)
     impl = module_for(resolve(backend, x.device))
-    return impl.lora(x, A, B, float(scaling), dropout_p=float(dropout_p), seed=int(seed), base=base)
+    return impl.lora(x, A, B, float(scaling), dropout_p=float(dropout_p), seed=checks.plain_seed(seed),
+                     dropout_rng=dropout_rng, base=base, reuse_base=bool(reuse_base))
 
 
 def route(
@@ -74,8 +81,8 @@ def routed_group(
     router_weight: Optional[torch.Tensor] = None, router_bias: Optional[torch.Tensor] = None,
     router_logits: Optional[torch.Tensor] = None, task_probs: Optional[torch.Tensor] = None,
     alpha: Optional[torch.Tensor] = None, kind: str = "token", top_k: Optional[int] = None,
-    renorm: str = "softmax", dropout_p: float = 0.0, seed: int = 0,
-    bases: Optional[Sequence[torch.Tensor]] = None, rule: Optional[RoutingRule] = None,
+    renorm: str = "softmax", dropout_p: float = 0.0, seed: Seed = 0, dropout_rng: str = "philox",
+    bases: Optional[Sequence[torch.Tensor]] = None, reuse_bases: bool = False, rule: Optional[RoutingRule] = None,
     token_mask: Optional[torch.Tensor] = None, selection_bias: Optional[torch.Tensor] = None, backend: str = "auto",
 ) -> GroupOutput:
     """One router, several LoRA-expert members sharing the input x (q/k/v or gate/up).
@@ -84,7 +91,8 @@ def routed_group(
     x (T, d_in). Member m: A (E*r, d_in), or (r, d_in) for Hydra (one A shared by the experts, inferred from
     the shape); B (d_out_m, E*r), expert e owning columns e*r .. (e+1)*r. E comes from the router weight
     (E, d_in), from router_logits (T, E) when a deeper router computed them, or from task_probs for kind "task".
-    Dropout: router stream 0, member m stream m + 1 of `seed`; one independent mask each.
+    Dropout: router stream 0, member m stream m + 1 of `seed`; one independent mask each, drawn by `dropout_rng`
+    (see `lora`). reuse_bases=True allows the op to write each output into its base's storage.
     rule, token_mask, selection_bias: as in `route` (RankWise: one A row block per expert, not Hydra).
     Returns GroupOutput(outputs, logits, p_tok, gates, routed_counts, kept_counts), the counts under a rule.
     """
@@ -92,13 +100,14 @@ def routed_group(
         x, members_A, members_B, scaling, router_weight, router_bias, router_logits, task_probs, alpha,
         kind, top_k, renorm, dropout_p, bases, rule, token_mask, selection_bias,
     )
+    checks.check_dropout_rng_and_seed(dropout_rng, seed, x)
     impl = module_for(resolve(backend, x.device))
     return impl.routed_group(
         x, list(members_A), list(members_B), float(scaling), shape=shape, router_weight=router_weight,
         router_bias=router_bias, router_logits=router_logits, task_probs=task_probs, alpha=alpha, kind=kind,
-        top_k=top_k, renorm=renorm, dropout_p=float(dropout_p), seed=int(seed),
-        bases=None if bases is None else list(bases), rule=rule, token_mask=token_mask,
-        selection_bias=selection_bias,
+        top_k=top_k, renorm=renorm, dropout_p=float(dropout_p), seed=checks.plain_seed(seed),
+        dropout_rng=dropout_rng, bases=None if bases is None else list(bases), reuse_bases=bool(reuse_bases),
+        rule=rule, token_mask=token_mask, selection_bias=selection_bias,
     )
 
 

@@ -23,10 +23,10 @@ def sequence_index(num_tokens: int, num_sequences: int, device) -> torch.Tensor:
     return torch.arange(num_tokens, device=device) // (num_tokens // num_sequences)
 
 
-def lora(x, A, B, scaling, *, dropout_p=0.0, seed=0, base=None):
-    """y = base + s * (drop(x) A^T) B^T."""
+def lora(x, A, B, scaling, *, dropout_p=0.0, seed=0, dropout_rng="philox", base=None, reuse_base=False):
+    """y = base + s * (drop(x) A^T) B^T (a new tensor: reuse_base permits, never obliges, writing into base)."""
     ct = compute_dtype(x)
-    xd = apply_dropout(x.to(ct), dropout_p, seed, member_stream(0))
+    xd = apply_dropout(x.to(ct), dropout_p, seed, member_stream(0), dropout_rng)
     delta = scaling * ((xd @ A.to(ct).T) @ B.to(ct).T)
     return _add_base(delta, base, x)
 
@@ -187,15 +187,17 @@ def _rank_wise_gates(scores, selection_bias, k, real):
 def routed_group(
     x, members_A: Sequence[torch.Tensor], members_B: Sequence[torch.Tensor], scaling, *, shape,
     router_weight=None, router_bias=None, router_logits=None, task_probs=None, alpha=None,
-    kind="token", top_k=None, renorm="softmax", dropout_p=0.0, seed=0, bases=None, rule=None, token_mask=None,
-    selection_bias=None,
+    kind="token", top_k=None, renorm="softmax", dropout_p=0.0, seed=0, dropout_rng="philox", bases=None,
+    reuse_bases=False, rule=None, token_mask=None, selection_bias=None,
 ) -> GroupOutput:
-    """y_m = base_m + s * sum_e g_e * (drop_m(x) A_{m,e}^T) B_{m,e}^T with g from the group's one router."""
+    """y_m = base_m + s * sum_e g_e * (drop_m(x) A_{m,e}^T) B_{m,e}^T with g from the group's one router.
+
+    The masks are drawn in stream order (router, then each member), so "native" draws equal the torch backend's."""
     ct = compute_dtype(x)
     E, r = shape.num_experts, shape.rank
     logits = router_logits
     if kind != "task" and router_logits is None:
-        xr = apply_dropout(x.to(ct), dropout_p, seed, ROUTER_STREAM)
+        xr = apply_dropout(x.to(ct), dropout_p, seed, ROUTER_STREAM, dropout_rng)
         logits = xr @ router_weight.to(ct).T
         if router_bias is not None:
             logits = logits + router_bias.to(ct)
@@ -204,7 +206,7 @@ def routed_group(
         rule=rule, token_mask=token_mask, selection_bias=selection_bias)
     outputs = []
     for m, (A, B) in enumerate(zip(members_A, members_B)):
-        xd = apply_dropout(x.to(ct), dropout_p, seed, member_stream(m))
+        xd = apply_dropout(x.to(ct), dropout_p, seed, member_stream(m), dropout_rng)
         A, B = A.to(ct), B.to(ct)
         delta = torch.zeros(x.shape[0], B.shape[0], dtype=ct, device=x.device)
         for e in range(E):

@@ -1,25 +1,63 @@
 """Vectorised dense-gated PyTorch: the fast path on machines without a GPU.
 
 No Python loop over experts and no (T, d_out) tensor per expert: each member is two skinny GEMMs,
-h = drop_m(x) A^T and y = s * (g (x) h) B^T, with the gates broadcast over each expert's rank block.
-Routing is computed in float32 (float64 for float64 inputs).
+h = drop_m(x) A^T and y = base + s * (g (x) h) B^T, with the gates broadcast over each expert's rank block.
+Where a CPU spends the adapter's time, and what is done about it here (measured in docs/BENCHMARKS.md):
+- dropout masks: "native" draws each with one `torch.rand` (see `hmora_kernels.dropout`); the inverted-dropout
+  scale 1 / (1 - p) multiplies the rank activations (T, r), not the input (T, d_in);
+- fresh (T, d_out) tensors: with `reuse_bases` the expand GEMM accumulates into the base output (addmm_), so the
+  adapter allocates nothing of size (T, d_out) (a fresh 36 MB tensor costs more in page faults than the GEMM);
+- skinny GEMMs: without dropout the router and every member's A read x in one GEMM (N = E + members x r), and
+  backward writes dx with one GEMM instead of one per member plus their sum.
+Routing is computed in float32 (float64 for float64 inputs) from the router's input in that dtype.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import List, Sequence
 
 import torch
 
-from .dropout import ROUTER_STREAM, apply_dropout, member_stream
+from .dropout import ROUTER_STREAM, keep_mask, member_stream
 from .reference import compute_dtype, entropy, sequence_index, tsallis_entropy
 from .reference import entropy_loss  # noqa: F401  (vectorised over tokens already, a loop over E: this backend's too)
 from .types import GroupOutput, RankWise, Switch, TopP
 
 
-def lora(x, A, B, scaling, *, dropout_p=0.0, seed=0, base=None):
-    xd = apply_dropout(x, dropout_p, seed, member_stream(0))
-    delta = (xd @ A.to(x.dtype).T) @ (scaling * B.to(x.dtype)).T
-    return delta if base is None else base + delta.to(base.dtype)
+def _shrink(x, weights, streams, dtypes, dropout_p, seed, dropout_rng) -> List[torch.Tensor]:
+    """[drop_s(x) W_s^T in dtypes[i]] for the i-th weight W_s and its dropout stream s."""
+    if dropout_p == 0.0:  # every stream reads x itself: one GEMM per compute dtype
+        out = [None] * len(weights)
+        for dt in dict.fromkeys(dtypes):
+            picked = [i for i, d in enumerate(dtypes) if d == dt]
+            stacked = torch.cat([weights[i].to(dt) for i in picked])
+            parts = (x.to(dt) @ stacked.T).split([weights[i].shape[0] for i in picked], dim=1)
+            for i, part in zip(picked, parts):
+                out[i] = part
+        return out
+    out = []
+    for W, stream, dt in zip(weights, streams, dtypes):
+        keep = keep_mask(tuple(x.shape), dropout_p, seed, stream, device=x.device, rng=dropout_rng)
+        # where, not x * keep: a bool operand of mul is first copied to x's dtype (one more (T, d_in) tensor)
+        out.append(torch.where(keep, x.to(dt), 0.0) @ W.to(dt).T * (1.0 / (1.0 - dropout_p)))
+    return out
+
+
+def _expand(operand, B, scaling, base, reuse_base):
+    """base + s * operand B^T; written into base's storage when reuse_base; the delta alone without a base."""
+    dt = operand.dtype
+    if base is None:
+        return operand @ (scaling * B.to(dt)).T
+    if base.dtype != dt:  # mixed dtypes: the delta in the activations' dtype, added in the base's
+        delta = (operand @ (scaling * B.to(dt)).T).to(base.dtype)
+        return base.add_(delta) if reuse_base else base + delta
+    if reuse_base:
+        return base.addmm_(operand, B.to(dt).T, alpha=scaling)
+    return torch.addmm(base, operand, B.to(dt).T, alpha=scaling)
+
+
+def lora(x, A, B, scaling, *, dropout_p=0.0, seed=0, dropout_rng="philox", base=None, reuse_base=False):
+    (h,) = _shrink(x, [A], [member_stream(0)], [x.dtype], dropout_p, seed, dropout_rng)
+    return _expand(h, B, scaling, base, reuse_base)
 
 
 def route(logits, *, task_probs=None, alpha=None, kind="token", top_k=None, renorm="softmax", num_tokens=None,
@@ -121,29 +159,32 @@ def _top_p_gates(p, rule):
 def routed_group(
     x, members_A: Sequence[torch.Tensor], members_B: Sequence[torch.Tensor], scaling, *, shape,
     router_weight=None, router_bias=None, router_logits=None, task_probs=None, alpha=None,
-    kind="token", top_k=None, renorm="softmax", dropout_p=0.0, seed=0, bases=None, rule=None, token_mask=None,
-    selection_bias=None,
+    kind="token", top_k=None, renorm="softmax", dropout_p=0.0, seed=0, dropout_rng="philox", bases=None,
+    reuse_bases=False, rule=None, token_mask=None, selection_bias=None,
 ) -> GroupOutput:
     T = x.shape[0]
     E, r = shape.num_experts, shape.rank
+    members = len(members_A)
+    router_in = kind != "task" and router_logits is None  # the router's Linear runs here, on drop_r(x)
+    rt = compute_dtype(x)
+    ranks = _shrink(
+        x, ([router_weight] if router_in else []) + list(members_A),
+        ([ROUTER_STREAM] if router_in else []) + [member_stream(m) for m in range(members)],
+        ([rt] if router_in else []) + [x.dtype] * members, dropout_p, seed, dropout_rng,
+    )
     logits = router_logits
-    if kind != "task" and router_logits is None:
-        rt = compute_dtype(x)
-        xr = apply_dropout(x, dropout_p, seed, ROUTER_STREAM).to(rt)
-        bias = None if router_bias is None else router_bias.to(rt)
-        logits = torch.nn.functional.linear(xr, router_weight.to(rt), bias)
+    if router_in:
+        logits = ranks.pop(0)
+        if router_bias is not None:
+            logits = logits + router_bias.to(rt)
     p_tok, gates, routed, kept = routing(
         logits, task_probs=task_probs, alpha=alpha, kind=kind, top_k=top_k, renorm=renorm, num_tokens=T, rule=rule,
         token_mask=token_mask, selection_bias=selection_bias)
     outputs = []
-    for m, (A, B) in enumerate(zip(members_A, members_B)):
-        xd = apply_dropout(x, dropout_p, seed, member_stream(m))
-        h = xd @ A.to(x.dtype).T  # (T, E*r), Hydra: (T, r)
-        h = h.unsqueeze(1) if shape.hydra else h.view(T, E, r)
-        gated = (gates.unsqueeze(-1) * h).reshape(T, E * r).to(x.dtype)
-        delta = gated @ (scaling * B.to(x.dtype)).T
-        base = None if bases is None else bases[m]
-        outputs.append(delta if base is None else base + delta.to(base.dtype))
+    for m, (h, B) in enumerate(zip(ranks, members_B)):
+        h = h.unsqueeze(1) if shape.hydra else h.unflatten(1, (E, r))  # (T, 1 or E, r)
+        operand = (gates.unsqueeze(-1) * h).flatten(1).to(x.dtype)  # (T, E*r): each rank block times its gate
+        outputs.append(_expand(operand, B, scaling, None if bases is None else bases[m], reuse_bases))
     return GroupOutput(outputs, logits, p_tok, gates, routed, kept)
 
 

@@ -98,8 +98,10 @@ def make_problem(case: GroupCase, seed: int = 0) -> GroupProblem:
     return problem
 
 
-def _forward(case: GroupCase, problem: GroupProblem, backend: str, as_float64: bool, seed: int):
-    """(leaves that require grad, GroupOutput) of one backend's forward on the problem."""
+def _forward(case: GroupCase, problem: GroupProblem, backend: str, as_float64: bool, seed: int,
+             reuse_bases: bool = False):
+    """(leaves that require grad, GroupOutput) of one backend's forward on the problem.
+    The bases are fresh copies, so reuse_bases may write into them."""
     def prep(t):
         if t is None:
             return None
@@ -115,8 +117,8 @@ def _forward(case: GroupCase, problem: GroupProblem, backend: str, as_float64: b
         leaves["x"], [leaves[f"A{m}"] for m in range(n)], [leaves[f"B{m}"] for m in range(n)], problem.scaling,
         router_weight=leaves.get("router_weight"), router_bias=leaves.get("router_bias"),
         task_probs=leaves.get("task_probs"), alpha=leaves.get("alpha"), kind=case.kind, top_k=case.top_k,
-        renorm=case.renorm, dropout_p=case.dropout_p, seed=seed, bases=bases, rule=case.rule,
-        token_mask=problem.token_mask, selection_bias=problem.selection_bias, backend=backend,
+        renorm=case.renorm, dropout_p=case.dropout_p, seed=seed, bases=bases, reuse_bases=reuse_bases,
+        rule=case.rule, token_mask=problem.token_mask, selection_bias=problem.selection_bias, backend=backend,
     )
     return leaves, out
 
@@ -130,13 +132,14 @@ def _token_losses(out, grad_weights: dict) -> torch.Tensor:
     return per_token
 
 
-def run_group(case: GroupCase, problem: GroupProblem, backend: str, *, as_float64: bool = False, seed: int = 7):
+def run_group(case: GroupCase, problem: GroupProblem, backend: str, *, as_float64: bool = False, seed: int = 7,
+              reuse_bases: bool = False):
     """Forward and backward of one backend; returns ({name: value}, {name: grad}) detached.
 
     as_float64 runs on float64 copies of the same inputs: that is how the reference gives the exact answer.
     Under a routing rule the values also hold the int64 routed_counts and kept_counts.
     """
-    leaves, out = _forward(case, problem, backend, as_float64, seed)
+    leaves, out = _forward(case, problem, backend, as_float64, seed, reuse_bases)
     _token_losses(out, problem.grad_weights).sum().backward()
     values = {f"y{m}": y.detach() for m, y in enumerate(out.outputs)}
     values["gates"] = out.gates.detach()

@@ -57,6 +57,47 @@ def test_routed_group_matches_reference(case):
         assert_close(grads[name], expected, case.dtype, f"grad {name}")
 
 
+REUSE_CASES = [c for c in CASES if c.with_bases and (c.dropout_p or len(c.d_outs) == 3 or c.kind == "hybrid")]
+
+
+@pytest.mark.parametrize("case", REUSE_CASES, ids=str)
+def test_reuse_bases_adds_into_the_bases_with_the_same_results(case):
+    """reuse_bases: each output is its base tensor, updated in place (no new (T, d_out) tensor), and values and
+    gradients are those of the default (with dropout and with mixed activation and parameter dtypes too)."""
+    problem = make_problem(case)
+    want_values, want_grads = run_group(case, problem, "torch")
+    values, grads = run_group(case, problem, "torch", reuse_bases=True)
+    for name, want in want_values.items():
+        assert_close(values[name], want, case.dtype, f"value {name}")
+    for name, want in want_grads.items():
+        assert_close(grads[name], want, case.dtype, f"grad {name}")
+    bases = [b.clone() for b in problem.bases]
+    out = hk.routed_group(problem.x, problem.members_A, problem.members_B, 2.0, router_weight=problem.router_weight,
+                          task_probs=problem.task_probs, alpha=problem.alpha, kind=case.kind, top_k=case.top_k,
+                          bases=bases, reuse_bases=True, backend="torch")
+    assert all(y.data_ptr() == b.data_ptr() for y, b in zip(out.outputs, bases))
+    base = problem.bases[0].clone()
+    y = hk.lora(problem.x, problem.members_A[0][:case.r], problem.members_B[0][:, :case.r], 2.0, base=base,
+                reuse_base=True, backend="torch")
+    assert y.data_ptr() == base.data_ptr()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bf16_input_routes_in_fp32_with_dropout(backend):
+    """Routing is fp32 end to end: with bf16 x and dropout, the router's dropped input is not rounded to bf16 before
+    its fp32 GEMM, so logits and probabilities equal the float64 reference within the fp32 tolerance (the bf16 one
+    is 3000x looser; rounding x / (1 - p) to bf16 put the logits 1.5e-2 off)."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    case = GroupCase("bf16 x, fp32 router, dropout", T=64, d_in=48, d_outs=[32], E=8, r=8, hydra=True, top_k=2,
+                     dtype=BF16, param_dtype=F32, dropout_p=0.1)
+    problem = make_problem(case)
+    expected, _ = run_group(case, problem, "reference", as_float64=True)
+    values, _ = run_group(case, problem, backend)
+    for name in ("logits", "p_tok"):
+        assert_close(values[name], expected[name], F32, name)
+
+
 @pytest.mark.parametrize("dtype", [F32, F16, BF16], ids=str)
 @pytest.mark.parametrize("T,d_in,d_out,r", [(1, 40, 24, 4), (7, 37, 29, 1), (1000, 64, 48, 64)],
                          ids=["T1", "odd-sizes-rank1", "T1000-rank64"])

@@ -44,10 +44,13 @@ def route(logits, *, task_probs=None, alpha=None, kind="token", top_k=None, reno
 
 def routed_group(
     x, members_A, members_B, scaling, *, shape, router_weight=None, router_bias=None, router_logits=None,
-    task_probs=None, alpha=None, kind="token", top_k=None, renorm="softmax", dropout_p=0.0, seed=0, bases=None,
-    rule=None, token_mask=None, selection_bias=None,
+    task_probs=None, alpha=None, kind="token", top_k=None, renorm="softmax", dropout_p=0.0, seed=0,
+    dropout_rng="philox", bases=None, reuse_bases=False, rule=None, token_mask=None, selection_bias=None,
 ) -> GroupOutput:
     """y_m = base_m + s * sum_e g_e (drop_m(x) A_{m,e}^T) B_{m,e}^T with g from the group's router, fused.
+
+    Both dropout_rng modes draw the Philox stream of `seed` in registers (it is this backend's native generator);
+    the outputs are new tensors (reuse_bases permits, never obliges, writing into the bases).
     token_mask only matters to the routing rules, which the kernels do not do yet."""
     if rule is not None:
         raise ValueError(f"backend='triton': the fused kernels do not do rule={type(rule).__name__} yet; "
@@ -70,7 +73,7 @@ def routed_group(
     return GroupOutput(list(out[:M]), logits, p_tok, gates)
 
 
-def lora(x, A, B, scaling, *, dropout_p=0.0, seed=0, base=None):
+def lora(x, A, B, scaling, *, dropout_p=0.0, seed=0, dropout_rng="philox", base=None, reuse_base=False):
     """y = base + s * (drop(x) A^T) B^T: the routed group with one member, one expert and no router."""
     _check_device(x)
     check_limits(1, A.shape[0], False, 1)

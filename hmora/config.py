@@ -1,9 +1,9 @@
 """HMoRAConfig: every option of SPEC.md, named as in the reference implementation's config.json and flags.
 
 The reference's `config.json` loads as it is (`HMoRAConfig.from_dict`). Options of our own:
-`lora_scaling`, `renorm`, `label_smoothing`, `backend`, `num_encoder_heads`, `position_frequencies`, `qkv_modules`,
-`w_i_modules`, and the routing variants of the MoE-LoRA family (`routing_variant` and the fields after it; README
-"Routing variants"; `ROUTING_RECIPES` holds each variant's published recipe).
+`lora_scaling`, `renorm`, `label_smoothing`, `backend`, `dropout_rng`, `num_encoder_heads`, `position_frequencies`,
+`qkv_modules`, `w_i_modules`, and the routing variants of the MoE-LoRA family (`routing_variant` and the fields after
+it; README "Routing variants"; `ROUTING_RECIPES` holds each variant's published recipe).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import math
 from dataclasses import InitVar, dataclass
 from typing import Any, Dict, List, Optional
 
-from hmora_kernels import BACKENDS, RankWise, Switch, TopP
+from hmora_kernels import BACKENDS, DROPOUT_RNGS, RankWise, Switch, TopP
 
 # Per model family: default target modules, the plain-LoRA ones (the paper's o/down and their BLOOM
 # counterparts), the q/k/v group and the gate/up group that may share a router. BLOOM's q, k, v is one fused
@@ -87,6 +87,9 @@ class HMoRAConfig:
     num_experts: int = 8
     use_hydra_lora: bool = True
     dropout: float = 0.1
+    dropout_rng: str = _option(
+        "native", "dropout masks from each backend's fastest generator (native), or the same masks in every backend "
+                  "(philox; slower on CPU; see hmora_kernels.dropout)", choices=DROPOUT_RNGS)
     top_k_routing_strategy: bool = True
     top_k: int = 2
     renorm: str = "softmax"               # ours: top-k gates by softmax over the selected (reference) or "sum"
@@ -205,6 +208,8 @@ class HMoRAConfig:
             fail("position_frequencies", f"one of {POSITION_FREQUENCIES}")
         if self.backend not in BACKENDS:
             fail("backend", f"one of {BACKENDS}")
+        if self.dropout_rng not in DROPOUT_RNGS:
+            fail("dropout_rng", f"one of {DROPOUT_RNGS}")
         if self.padding_side != "left":
             fail("padding_side", "'left' (the task encoder right-aligns positions)")
         self._validate_routing_variant(fail)

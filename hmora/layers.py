@@ -20,12 +20,18 @@ from .reentrant import inject, sink
 from .routers import Router
 
 
-def draw_seed(dropout_p: float) -> int:
-    """A fresh dropout seed from torch's default generator (0 when there is no dropout). Activation
-    checkpointing restores the generator's state before recomputing, so the recompute draws the same seed."""
-    if dropout_p == 0.0:
+def draw_seed(dropout_p: float, dropout_rng: str, backend: str, device: torch.device):
+    """A fresh dropout seed: a 1-element int64 tensor on `device` from its default generator, or 0 when no mask
+    is drawn from a seed (no dropout, or "native" masks, which the reference and torch backends draw from the
+    generator itself: a seed nobody reads would still advance it, and torch.compile drops unused draws, so
+    compiled masks would no longer follow eager's).
+
+    It stays on the device: reading it would make every layer wait for the host (and break torch.compile's graph).
+    Activation checkpointing restores the generator's state before recomputing, so the recompute draws the same
+    seed (and the same "native" masks)."""
+    if dropout_p == 0.0 or (dropout_rng == "native" and hmora_kernels.resolve_backend(backend, device) != "triton"):
         return 0
-    return int(torch.randint(0, 2**31 - 1, ()).item())
+    return torch.randint(0, 2**31 - 1, (1,), device=device)
 
 
 def _kaiming_uniform(rows: int, d_in: int, device) -> nn.Parameter:
@@ -47,6 +53,7 @@ class AdapterLinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(base_layer.out_features, b_cols, device=device, dtype=torch.float32))
         self.scaling = config.scaling
         self.dropout_p = config.dropout
+        self.dropout_rng = config.dropout_rng
         self.backend = config.backend
 
     @property
@@ -72,14 +79,16 @@ class LoRALinear(AdapterLinear):
         super().__init__(base_layer, config.lora_r, config.lora_r, config, state)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = self.base_layer(x)
         if not self.state.adapters_enabled:
-            return base
+            return self.base_layer(x)
+        flat = x.reshape(-1, self.in_features)
         p = self.active_dropout()
-        out = hmora_kernels.lora(x.reshape(-1, self.in_features), self.lora_A, self.lora_B, self.scaling,
-                                 dropout_p=p, seed=draw_seed(p), base=base.reshape(-1, self.out_features),
+        # the base output is ours alone (a frozen Linear keeps no output for backward): the op may add into it
+        seed = draw_seed(p, self.dropout_rng, self.backend, x.device)
+        out = hmora_kernels.lora(flat, self.lora_A, self.lora_B, self.scaling, dropout_p=p, seed=seed,
+                                 dropout_rng=self.dropout_rng, base=self.base_layer(flat), reuse_base=True,
                                  backend=self.backend)
-        return out.view(base.shape)
+        return out.view(*x.shape[:-1], self.out_features)
 
     def merged_linear(self) -> nn.Linear:
         """The base Linear with s B A folded into its weight (in the weight's dtype)."""
@@ -146,9 +155,10 @@ class RoutedGroup:
         owner, router, context = self.members[0], self.router, self.state.context
         lead = x.shape[:-1]
         flat = x.reshape(-1, x.shape[-1])
-        bases = [m.base_layer(x).reshape(flat.shape[0], -1) for m in self.members]
+        # on the flat input, so that each base is a tensor of its own (not a view) the op may add into
+        bases = [m.base_layer(flat) for m in self.members]
         p = owner.active_dropout()
-        seed = draw_seed(p)
+        seed = draw_seed(p, owner.dropout_rng, owner.backend, x.device)
         recompute = context.reentrant_recompute()
         task_probs = loss_task_probs = None
         if router.kind != "token":
@@ -160,11 +170,11 @@ class RoutedGroup:
             loss_task_probs = self._task_probs(context, LOSS_TASK, p, recompute)
         result = hmora_kernels.routed_group(
             flat, [m.lora_A for m in self.members], [m.lora_B for m in self.members], owner.scaling,
-            **router.token_args(flat, p, seed),
+            **router.token_args(flat, p, seed, owner.dropout_rng),
             task_probs=None if task_probs is None else context.per_token_rows(self.name, task_probs, lead[0]),
             alpha=router.alpha if router.kind == "hybrid" else None, kind=router.kind, top_k=self.top_k,
-            renorm=self.renorm, dropout_p=p, seed=seed, bases=bases, rule=self.rule,
-            token_mask=None if self.rule is None else context.token_mask(self.name, lead, flat.device),
+            renorm=self.renorm, dropout_p=p, seed=seed, dropout_rng=owner.dropout_rng, bases=bases, reuse_bases=True,
+            rule=self.rule, token_mask=None if self.rule is None else context.token_mask(self.name, lead, flat.device),
             selection_bias=getattr(router, "selection_bias", None), backend=owner.backend,
         )
         if isinstance(self.rule, RankWise) and owner.training and not (recompute or in_backward()):

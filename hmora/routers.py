@@ -67,7 +67,7 @@ class Router(nn.Module):
         if selection_bias:
             self.register_buffer("selection_bias", torch.zeros(num_experts, device=device, dtype=torch.float32))
 
-    def token_args(self, x: torch.Tensor, dropout_p: float, seed: int) -> dict:
+    def token_args(self, x: torch.Tensor, dropout_p: float, seed, dropout_rng: str) -> dict:
         """Keyword arguments of `hmora_kernels.routed_group` for the token router on the flat input x (T, d_in).
 
         One Linear: its weight and bias go to the kernel (which draws the router's dropout mask itself).
@@ -80,7 +80,8 @@ class Router(nn.Module):
         jitter = self.jitter if self.training else 0.0
         if self.token_mlp.single_linear and jitter == 0.0:
             return {"router_weight": self.token_mlp[0].weight, "router_bias": self.token_mlp[0].bias}
-        dropped = apply_dropout(x, dropout_p, seed, ROUTER_STREAM).to(torch.float32)
+        # fp32 before the mask and its scale: routing stays fp32 end to end (x may be bf16)
+        dropped = apply_dropout(x.to(torch.float32), dropout_p, seed, ROUTER_STREAM, dropout_rng)
         if jitter:
             dropped = dropped * torch.empty_like(dropped).uniform_(1.0 - jitter, 1.0 + jitter)
         return {"router_logits": self.token_mlp(dropped)}

@@ -26,10 +26,10 @@ def tiny_base(family: str, layers: int = 3, seed: int = 0):
                                 num_key_value_heads=2, max_position_embeddings=64, **common)).eval()
 
 
-def tiny_model(family: str = "qwen2", perturb: bool = True, **overrides) -> HMoRAModel:
+def tiny_model(family: str = "qwen2", perturb: bool = True, layers: int = 3, **overrides) -> HMoRAModel:
     """A tiny HMoRA model; `perturb` moves every adapter weight off its init (B = 0 hides most bugs)."""
     config = HMoRAConfig(**{"num_experts": 4, "lora_r": 2, "task_token_id": 5, "dropout": 0.0, **overrides})
-    model = get_hmora_model(tiny_base(family), config)
+    model = get_hmora_model(tiny_base(family, layers), config)
     if perturb:
         generator = torch.Generator().manual_seed(1)
         with torch.no_grad():
@@ -278,12 +278,13 @@ def test_config_variants_train(overrides, hydra_rows):
 
 def test_triton_backend_in_the_model_matches_the_torch_backend():
     """The layers call the kernel ops with the config's backend; under TRITON_INTERPRET=1 (tests/conftest.py) the
-    fused Triton kernels run on CPU tensors and must reproduce the torch backend, dropout masks included."""
+    fused Triton kernels run on CPU tensors and must reproduce the torch backend, dropout masks included (the
+    "philox" generator draws the same masks in every backend)."""
     pytest.importorskip("triton")
     ids, mask, labels = batch()
     results = {}
     for backend in ("torch", "triton"):
-        model = tiny_model("qwen2", backend=backend, dropout=0.1).train()
+        model = tiny_model("qwen2", backend=backend, dropout=0.1, dropout_rng="philox").train()
         _, results[backend] = _grads_after_step(model, ids, mask, labels)
     for name, grad in results["torch"].items():
         diff = (results["triton"][name] - grad).abs().max().item()

@@ -4,20 +4,22 @@
     where `uniform` is Triton's `tl.rand` (Philox 4x32-10), re-implemented here bit-exactly in PyTorch, so the
     reference and torch backends draw the very masks the Triton kernels regenerate in registers. It costs about
     240 integer tensor operations per mask on CPU.
-"native" (each backend's fastest generator): the reference and torch backends draw 32 random bits per element
-    from torch's default generator and keep the element iff they are >= round(p 2^32) (as signed ints shifted by
-    2^31), so the drop probability is p to within 2^-32 (tl.rand's resolution is 2^-31). `seed` is not used:
+"native" (each backend's fastest generator): the reference and torch backends draw the positions of the dropped
+    elements from torch's default generator, as geometric gaps between drops (`native_drop_positions`): i.i.d.
+    Bernoulli(p) drops to float64 rounding, at about p float64 draws per element. `seed` is not used:
     torch.manual_seed and the generator's state decide, and activation checkpointing restores that state before it
     recomputes. The triton backend draws its Philox stream of `seed` in registers, as for "philox". The masks are
     independent Bernoulli draws in every backend, but the triton backend's differ from the other two.
 
 The seed is a Python int or a 1-element int64 tensor (drawn on the device, so that no layer waits for the host);
 both give the same stream. Streams of a routed group: 0 = the router's input, m + 1 = member m's input. A plain
-LoRA layer is a group with one member and no router, so its mask is stream 1.
+LoRA layer is a group with one member and no router, so its mask is stream 1. "native" draws the masks of an op's
+streams together, as one mask over (streams, T, d) (`group_dropped`); the reference and torch backends draw alike.
 """
 from __future__ import annotations
 
-from typing import Union
+import math
+from typing import Sequence, Union
 
 import torch
 
@@ -93,36 +95,64 @@ def _(key, rows, cols, p):
     return key.new_empty((rows, cols), dtype=torch.bool)
 
 
-def native_random_bits(n: int, device=None) -> torch.Tensor:
-    """n uniform int32 from torch's default generator: 64 bits per int64 draw, two elements each.
+def native_drop_positions(n: int, p: float, device=None) -> torch.Tensor:
+    """Positions of the dropped elements of an n-element mask, from torch's default generator, counted from 1:
+    element i of the mask is position i + 1, and n + 1 marks an unused slot (callers give their flat tensor a
+    spare element at each end).
 
-    `torch.randint` over the whole int64 range takes one 64-bit draw per element, so viewing each as two int32
-    halves the generator's work: a mask costs 5.4 ns per element on one core of the machine in docs/BENCHMARKS.md,
-    against 8.9 for torch.rand >= p and 11.4 for bernoulli_ (whose vectorised MKL path serves Intel CPUs only).
-    A factory op, unlike Tensor.random_, so torch.compile traces it (and with
-    torch._inductor.config.fallback_random draws the same bits as eager)."""
-    draws = torch.randint(-2**63, 2**63 - 1, ((n + 1) // 2,), dtype=torch.int64, device=device)
-    return draws.view(torch.int32)[:n]
+    The gaps between the drops of i.i.d. Bernoulli(p) trials are geometric: floor(ln(1 - u) / ln(1 - p)) kept
+    elements, u uniform in [0, 1). So p n float64 uniforms (plus a margin) draw the whole mask instead of one per
+    element: a tenth of the generator's work at p = 0.1, which is most of a mask's cost on a CPU. The count of gaps
+    is fixed, p n + 10 standard deviations + 16, so that shapes do not depend on the draw (no host sync, one
+    torch.compile graph); the gaps cover all n elements but with a probability below 1e-23 (then the last ones
+    would be kept)."""
+    spread = math.sqrt(n * p * (1.0 - p))
+    count = int(math.ceil(n * p + 10.0 * spread)) + 16
+    u = torch.rand(count, dtype=torch.float64, device=device)
+    kept_before = u.neg_().log1p_().mul_(1.0 / math.log1p(-p)).to(torch.int64)  # >= 0, so truncation is floor
+    return kept_before.add_(1).cumsum_(0).clamp_(max=n + 1)
+
+
+def group_dropped(shape: tuple[int, int], p: float, seed: Seed, streams: Sequence[int], device=None,
+                  rng: str = "philox") -> torch.Tensor:
+    """The dropout of the S = len(streams) inputs of one op (a group's router and members, in that order), as
+    drawn: "philox", a bool keep mask (S, T, d) of the streams' own keys; "native", the positions of the dropped
+    elements of one (S, T, d) mask, drawn at once (`native_drop_positions`: counted from 1, S T d + 1 unused)."""
+    rows, cols = shape
+    if rng == "native":
+        return native_drop_positions(len(streams) * rows * cols, p, device)
+    if rng != "philox":
+        raise ValueError(f"dropout_rng: expected one of {DROPOUT_RNGS}, got {rng!r}")
+    return torch.stack([_philox_mask(shape, p, seed, stream, device) for stream in streams])
+
+
+def group_keep_masks(shape: tuple[int, int], p: float, seed: Seed, streams: Sequence[int], device=None,
+                     rng: str = "philox") -> torch.Tensor:
+    """Boolean keep masks (S, T, d) of `group_dropped`'s draw."""
+    dropped = group_dropped(shape, p, seed, streams, device, rng)
+    if dropped.dtype == torch.bool:
+        return dropped
+    keep = torch.ones(len(streams) * shape[0] * shape[1] + 2, dtype=torch.bool, device=device)
+    return keep.index_fill_(0, dropped, False)[1:-1].view(len(streams), *shape)
 
 
 def keep_mask(shape: tuple[int, int], p: float, seed: Seed, stream: int, device=None,
               rng: str = "philox") -> torch.Tensor:
-    """Boolean (T, d) keep-mask of one stream (see the module docstring for the two generators).
+    """Boolean (T, d) keep-mask of one stream drawn on its own (see the module docstring for the two generators).
 
     philox: element (t, j) uses counter t * d + j of key `stream_seed(seed, stream)`."""
-    rows, cols = shape
-    if rng == "native":
-        return native_random_bits(rows * cols, device).view(rows, cols) >= -2**31 + round(p * 2**32)
-    if rng != "philox":
-        raise ValueError(f"dropout_rng: expected one of {DROPOUT_RNGS}, got {rng!r}")
+    return group_keep_masks(shape, p, seed, [stream], device, rng)[0]
+
+
+def _philox_mask(shape, p, seed, stream, device):
     key = stream_seed(seed, stream)
     if not isinstance(key, torch.Tensor):
         key = torch.tensor(key, dtype=torch.int64, device=device)
-    return _philox_keep_mask(key.reshape(()), rows, cols, float(p))
+    return _philox_keep_mask(key.reshape(()), shape[0], shape[1], float(p))
 
 
 def apply_dropout(x: torch.Tensor, p: float, seed: Seed, stream: int, rng: str = "philox") -> torch.Tensor:
-    """Inverted dropout of a 2-D tensor with the stream's mask (identity when p == 0)."""
+    """Inverted dropout of a 2-D tensor with the stream's mask drawn on its own (identity when p == 0)."""
     if p == 0.0:
         return x
     keep = keep_mask(tuple(x.shape), p, seed, stream, device=x.device, rng=rng)

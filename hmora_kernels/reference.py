@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .dropout import ROUTER_STREAM, apply_dropout, member_stream
+from .dropout import ROUTER_STREAM, group_keep_masks, member_stream
 from .types import GroupOutput, RankWise, Switch, TopP
 
 
@@ -26,7 +26,7 @@ def sequence_index(num_tokens: int, num_sequences: int, device) -> torch.Tensor:
 def lora(x, A, B, scaling, *, dropout_p=0.0, seed=0, dropout_rng="philox", base=None, reuse_base=False):
     """y = base + s * (drop(x) A^T) B^T (a new tensor: reuse_base permits, never obliges, writing into base)."""
     ct = compute_dtype(x)
-    xd = apply_dropout(x.to(ct), dropout_p, seed, member_stream(0), dropout_rng)
+    (xd,) = _dropped_inputs(x.to(ct), [member_stream(0)], dropout_p, seed, dropout_rng)
     delta = scaling * ((xd @ A.to(ct).T) @ B.to(ct).T)
     return _add_base(delta, base, x)
 
@@ -192,12 +192,15 @@ def routed_group(
 ) -> GroupOutput:
     """y_m = base_m + s * sum_e g_e * (drop_m(x) A_{m,e}^T) B_{m,e}^T with g from the group's one router.
 
-    The masks are drawn in stream order (router, then each member), so "native" draws equal the torch backend's."""
+    The masks are drawn as the torch backend draws them (`group_dropped`), so "native" masks equal its own."""
     ct = compute_dtype(x)
     E, r = shape.num_experts, shape.rank
     logits = router_logits
-    if kind != "task" and router_logits is None:
-        xr = apply_dropout(x.to(ct), dropout_p, seed, ROUTER_STREAM, dropout_rng)
+    router_in = kind != "task" and router_logits is None
+    streams = ([ROUTER_STREAM] if router_in else []) + [member_stream(m) for m in range(len(members_A))]
+    inputs = _dropped_inputs(x.to(ct), streams, dropout_p, seed, dropout_rng)
+    if router_in:
+        xr = inputs.pop(0)
         logits = xr @ router_weight.to(ct).T
         if router_bias is not None:
             logits = logits + router_bias.to(ct)
@@ -205,8 +208,7 @@ def routed_group(
         logits, task_probs=task_probs, alpha=alpha, kind=kind, top_k=top_k, renorm=renorm, num_tokens=x.shape[0],
         rule=rule, token_mask=token_mask, selection_bias=selection_bias)
     outputs = []
-    for m, (A, B) in enumerate(zip(members_A, members_B)):
-        xd = apply_dropout(x.to(ct), dropout_p, seed, member_stream(m), dropout_rng)
+    for m, (xd, A, B) in enumerate(zip(inputs, members_A, members_B)):
         A, B = A.to(ct), B.to(ct)
         delta = torch.zeros(x.shape[0], B.shape[0], dtype=ct, device=x.device)
         for e in range(E):
@@ -215,6 +217,14 @@ def routed_group(
             delta = delta + gates[:, e:e + 1].to(ct) * ((xd @ A_e.T) @ B_e.T)
         outputs.append(_add_base(scaling * delta, None if bases is None else bases[m], x))
     return GroupOutput(outputs, logits, p_tok, gates, routed, kept)
+
+
+def _dropped_inputs(x, streams, dropout_p, seed, dropout_rng):
+    """[x * keep_s / (1 - p)] for each dropout stream s of the op."""
+    if dropout_p == 0.0:
+        return [x for _ in streams]
+    keep = group_keep_masks(tuple(x.shape), dropout_p, seed, streams, x.device, dropout_rng)
+    return [x * k.to(x.dtype) / (1.0 - dropout_p) for k in keep]
 
 
 def _add_base(delta, base, x):

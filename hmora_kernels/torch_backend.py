@@ -3,8 +3,10 @@
 No Python loop over experts and no (T, d_out) tensor per expert: each member is two skinny GEMMs,
 h = drop_m(x) A^T and y = base + s * (g (x) h) B^T, with the gates broadcast over each expert's rank block.
 Where a CPU spends the adapter's time, and what is done about it here (measured in docs/BENCHMARKS.md):
-- dropout masks: "native" draws each with one `torch.rand` (see `hmora_kernels.dropout`); the inverted-dropout
-  scale 1 / (1 - p) multiplies the rank activations (T, r), not the input (T, d_in);
+- dropout masks: "native" draws the positions of the dropped elements of all the op's inputs at once, about p
+  uniforms per element (see `hmora_kernels.dropout`), and zeroes them in the copies of x the GEMMs read, then in
+  the products backward writes, one (streams, T, d) tensor each (`_DroppedShrink`): a few operators per op, not
+  per stream; the inverted-dropout scale 1 / (1 - p) multiplies the rank activations (T, r);
 - fresh (T, d_out) tensors: with `reuse_bases` the expand GEMM accumulates into the base output (addmm_), so the
   adapter allocates nothing of size (T, d_out) (a fresh 36 MB tensor costs more in page faults than the GEMM);
 - skinny GEMMs: without dropout the router and every member's A read x in one GEMM (N = E + members x r), and
@@ -13,14 +15,69 @@ Routing is computed in float32 (float64 for float64 inputs) from the router's in
 """
 from __future__ import annotations
 
+import math
 from typing import List, Sequence
 
 import torch
 
-from .dropout import ROUTER_STREAM, keep_mask, member_stream
+from .dropout import ROUTER_STREAM, group_dropped, member_stream
 from .reference import compute_dtype, entropy, sequence_index, tsallis_entropy
 from .reference import entropy_loss  # noqa: F401  (vectorised over tokens already, a loop over E: this backend's too)
 from .types import GroupOutput, RankWise, Switch, TopP
+
+
+class _DroppedShrink(torch.autograd.Function):
+    """[drop_s(x) W_s^T / (1 - p)] for the S dropout streams of one op, W_s in its stream's compute dtype.
+
+    The S dropped copies of x are one (S, T, d) tensor in x's dtype (zeroing is exact in any dtype), kept for the
+    dW_s. `dropped` is a bool keep mask of that shape ("philox") or the flat positions of its dropped elements
+    ("native", see `hmora_kernels.dropout.group_dropped`); then no mask of size (S, T, d) exists: forward zeroes
+    the positions in the copy it writes, backward in the (S, T, d) products dh_s W_s it writes, and sums them: dx.
+    """
+
+    @staticmethod
+    def forward(ctx, x, dropped, scale, *weights):
+        copies = x.unsqueeze(0).expand(len(weights), *x.shape)
+        if dropped.dtype == torch.bool:
+            xm = torch.where(dropped, copies, 0.0)
+        else:
+            xm = _zeroed_at(copies.shape, x.dtype, dropped, lambda out: out.copy_(copies))
+        ctx.save_for_backward(xm, dropped, *weights)
+        ctx.scale = scale
+        return tuple(xm[s].to(W.dtype) @ W.T * scale for s, W in enumerate(weights))
+
+    @staticmethod
+    def backward(ctx, *dhs):
+        xm, dropped, *weights = ctx.saved_tensors
+        dhs = [dh * ctx.scale for dh in dhs]
+        dx = None
+        if ctx.needs_input_grad[0]:
+            def products(out):
+                for s, (dh, W) in enumerate(zip(dhs, weights)):
+                    if W.dtype == out.dtype:
+                        torch.mm(dh, W, out=out[s])
+                    else:  # the fp32 router of half-precision x
+                        out[s].copy_(dh @ W)
+                return out
+
+            if dropped.dtype == torch.bool:
+                dxm = torch.where(dropped, products(torch.empty_like(xm)), 0.0)
+            else:
+                dxm = _zeroed_at(xm.shape, xm.dtype, dropped, products)
+            dx = dxm[0] if len(weights) == 1 else dxm.sum(0, dtype=compute_dtype(xm)).to(xm.dtype)
+        dWs = [dh.T @ xm[s].to(W.dtype) if ctx.needs_input_grad[3 + s] else None
+               for s, (dh, W) in enumerate(zip(dhs, weights))]
+        return (dx, None, None, *dWs)
+
+
+def _zeroed_at(shape, dtype, positions, fill):
+    """A new tensor of `shape`, filled by fill(out), with the `native_drop_positions` set to zero (positions count
+    from 1, so the flat tensor has a spare element at each end; the last one takes the unused slots)."""
+    flat = torch.empty(math.prod(shape) + 2, dtype=dtype, device=positions.device)
+    out = flat[1:-1].view(shape)
+    fill(out)
+    flat.index_fill_(0, positions, 0)
+    return out
 
 
 def _shrink(x, weights, streams, dtypes, dropout_p, seed, dropout_rng) -> List[torch.Tensor]:
@@ -34,12 +91,9 @@ def _shrink(x, weights, streams, dtypes, dropout_p, seed, dropout_rng) -> List[t
             for i, part in zip(picked, parts):
                 out[i] = part
         return out
-    out = []
-    for W, stream, dt in zip(weights, streams, dtypes):
-        keep = keep_mask(tuple(x.shape), dropout_p, seed, stream, device=x.device, rng=dropout_rng)
-        # where, not x * keep: a bool operand of mul is first copied to x's dtype (one more (T, d_in) tensor)
-        out.append(torch.where(keep, x.to(dt), 0.0) @ W.to(dt).T * (1.0 / (1.0 - dropout_p)))
-    return out
+    dropped = group_dropped(tuple(x.shape), dropout_p, seed, streams, x.device, dropout_rng)
+    return list(_DroppedShrink.apply(x, dropped, 1.0 / (1.0 - dropout_p),
+                                     *(W.to(dt) for W, dt in zip(weights, dtypes))))
 
 
 def _expand(operand, B, scaling, base, reuse_base):

@@ -86,17 +86,21 @@ def test_tensor_seed_equals_int_seed_in_the_ops(backend):
 
 
 def test_native_masks_are_the_same_in_reference_and_torch():
-    """Both draw the router's mask, then each member's, from torch's generator: same state, same masks."""
+    """Both draw the router's mask, then each member's, from torch's generator: same state, same masks (the torch
+    backend zeroes the drawn positions itself, forward and backward); values and gradients agree."""
     g = torch.Generator().manual_seed(0)
-    x, A0, A1, B0, B1, W = (torch.randn(*s, generator=g, dtype=torch.float64)
-                            for s in [(50, 24), (8, 24), (8, 24), (16, 8), (12, 8), (2, 24)])
-    outs = {}
+    leaves = [torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True)
+              for s in [(50, 24), (8, 24), (8, 24), (16, 8), (12, 8), (2, 24)]]
+    x, A0, A1, B0, B1, W = leaves
+    outs, grads = {}, {}
     for backend in ("reference", "torch"):
         torch.manual_seed(11)
         outs[backend] = hk.routed_group(x, [A0, A1], [B0, B1], 1.0, router_weight=W, top_k=1, dropout_p=0.4,
                                         dropout_rng="native", backend=backend)
-    for got, want in zip([*outs["torch"].outputs, outs["torch"].logits],
-                         [*outs["reference"].outputs, outs["reference"].logits]):
+        loss = sum((y * y).sum() for y in outs[backend].outputs) + outs[backend].logits.square().sum()
+        grads[backend] = torch.autograd.grad(loss, leaves)
+    for got, want in zip([*outs["torch"].outputs, outs["torch"].logits, *grads["torch"]],
+                         [*outs["reference"].outputs, outs["reference"].logits, *grads["reference"]]):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     torch.manual_seed(12)  # another state: other masks
     other = hk.routed_group(x, [A0, A1], [B0, B1], 1.0, router_weight=W, top_k=1, dropout_p=0.4,

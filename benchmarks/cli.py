@@ -17,12 +17,15 @@ from typing import List, Optional
 def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="hmora-bench", description=__doc__.split("\n")[0])
     parser.add_argument("--suite", default="default",
-                        help="quick | default | paper-cpu | scaling-cpu | variants-cpu | llama-cpu | paper | full "
-                             "(see benchmarks.suites)")
+                        help="quick | default | layer-cpu | paper-cpu | scaling-cpu | variants-cpu | llama-cpu | "
+                             "paper | full (see benchmarks.suites)")
     parser.add_argument("--out", default="bench-out", help="directory for results.csv, results.json and the PNGs")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repetitions per point (the fastest is kept)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: on a shared, loaded machine OpenMP barriers wreck timings)")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed repetitions per point (the fastest is kept); layer-cpu: interleaved rounds "
+                             "(medians are kept)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default 1: on a shared, loaded machine OpenMP barriers wreck "
+                             "timings; layer-cpu: 2, the setting it reproduces)")
     parser.add_argument("--l2-mib", type=float, default=40,
                         help="L2 size of the cache model behind the kernels' DRAM bytes (default 40: an A100)")
     parser.add_argument("--no-plots", action="store_true", help="skip the matplotlib PNGs")
@@ -39,20 +42,29 @@ def _set_interpreter_unless_cuda() -> None:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-def _run_suite(suite: str, repeats: int, l2_mib: float, out: str) -> List[dict]:
+def _run_suite(suite: str, repeats: int, l2_mib: float, out: str, threads: Optional[int]) -> List[dict]:
     """Measure every case; results.csv/json are rewritten after each run so a long suite keeps what it measured."""
     from tqdm import tqdm
 
     from . import report
+    from .decoder_layer import LayerCase
     from .measure import measure
     from .suites import SUITES
 
-    jobs = [(case, impl) for case in SUITES[suite] for impl in case.implementations]
+    jobs = []
+    for case in SUITES[suite]:
+        if isinstance(case, LayerCase):  # it times its implementations interleaved: one job for all of them
+            jobs.append((case, None))
+        else:
+            jobs += [(case, impl) for impl in case.implementations]
     rows = []
     for case, impl in tqdm(jobs, desc=f"hmora-bench {suite}", unit="run"):
-        for row in measure(case.workload, impl, memory=case.memory, timing=case.timing, repeats=repeats,
-                           l2_bytes=int(l2_mib * 2**20)):
-            rows.append({"section": case.section, **row.as_dict()})
+        if impl is None:
+            rows += case.run(repeats, threads)
+        else:
+            for row in measure(case.workload, impl, memory=case.memory, timing=case.timing, repeats=repeats,
+                               l2_bytes=int(l2_mib * 2**20)):
+                rows.append({"section": case.section, **row.as_dict()})
         rows = report.derive(rows)
         report.write_csv(rows, os.path.join(out, "results.csv"))
         report.write_json(rows, os.path.join(out, "results.json"), suite, settings={"l2_mib": l2_mib})
@@ -64,7 +76,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     _set_interpreter_unless_cuda()  # before benchmarks.measure imports the kernels
     import torch
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or 1)
     from . import report
     from .suites import SUITES
 
@@ -77,7 +89,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     os.makedirs(args.out, exist_ok=True)
     written = []
     if not args.from_json:
-        rows = _run_suite(args.suite, args.repeats, args.l2_mib, args.out)
+        rows = _run_suite(args.suite, args.repeats, args.l2_mib, args.out, args.threads)
         written += [os.path.join(args.out, name) for name in ("results.csv", "results.json")]
     print(report.tables(rows, markdown=args.markdown))
     if not args.no_plots:

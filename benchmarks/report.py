@@ -13,6 +13,7 @@ import torch
 from .measure import METRIC_SOURCES
 
 NAIVE = "reference"
+LAYER_SECTION = "decoder-layer"
 _WORKLOAD_KEYS = ("model", "scope", "tokens", "experts", "rank", "hydra", "routing", "dropout", "dtype", "phase")
 
 DERIVED_SOURCES = {
@@ -26,6 +27,8 @@ DERIVED_SOURCES = {
                   "sectors, --l2-mib) plus the aten operators' bytes, over the minimum",
     "dram_traffic_bytes": "kernel_dram_bytes + aten_bytes: the triton path's traffic under the L2 model",
     "speedup": "cpu_s (or gpu_s) of the naive loop (reference) / this implementation's",
+    "added_s": "decoder layer: median over interleaved rounds of (this step - the bare layer's step in the round)",
+    "added_vs_standin": "decoder layer: added_s / added_s of the plain-PyTorch stand-in with nn.Dropout",
 }
 
 
@@ -34,8 +37,11 @@ def _ratio(num: Optional[float], den: Optional[float]) -> Optional[float]:
 
 
 def derive(rows: List[Dict[str, object]]) -> List[Dict[str, object]]:
-    """Add ratios against the minimum and against the naive loop of the same workload and phase."""
-    rows = [{k: v for k, v in r.items() if k not in DERIVED_SOURCES} for r in rows]  # derive afresh
+    """Add ratios against the minimum and against the naive loop of the same workload and phase (decoder-layer
+    rows come with their own ratios and pass through)."""
+    layer_rows = [r for r in rows if r["section"] == LAYER_SECTION]
+    rows = [{k: v for k, v in r.items() if k not in DERIVED_SOURCES} for r in rows
+            if r["section"] != LAYER_SECTION]  # derive afresh
     naive: Dict[tuple, Dict[str, object]] = {}
     for r in rows:  # the naive loop's memory and time rows of one workload may come from different sections
         if r["implementation"] == NAIVE:
@@ -54,7 +60,7 @@ def derive(rows: List[Dict[str, object]]) -> List[Dict[str, object]]:
         dram = r.get("kernel_dram_bytes")
         r["dram_traffic_bytes"] = None if dram is None else dram + r["aten_bytes"]
         r["speedup"] = _ratio(ref.get(time_key), r[time_key])
-    return rows
+    return rows + layer_rows
 
 
 def machine_info() -> Dict[str, object]:
@@ -73,8 +79,9 @@ def machine_info() -> Dict[str, object]:
 
 
 def write_csv(rows: Sequence[Dict[str, object]], path: str) -> None:
+    fields = list(dict.fromkeys(k for r in rows for k in r))  # sections have columns of their own
     with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
 
@@ -124,6 +131,14 @@ TIME_COLUMNS = [
 ]
 
 
+LAYER_COLUMNS = [
+    ("model", "model", _plain), ("layer", "layer", _plain), ("T", "tokens", _plain), ("threads", "threads", _plain),
+    ("dropout", "dropout", _plain), ("impl", "implementation", _plain), ("masks", "dropout_rng", _plain),
+    ("cpu ms (median)", "cpu_s", _ms), ("added ms", "added_s", _ms),
+    ("added / stand-in's", "added_vs_standin", lambda v: "" if v is None else f"{v:.2f}"), ("note", "note", _plain),
+]
+
+
 def format_table(rows: Iterable[Dict[str, object]], columns, markdown: bool = False) -> str:
     cells = [[fmt(r.get(key)) for _, key, fmt in columns] for r in rows]
     heads = [h for h, _, _ in columns]
@@ -138,10 +153,14 @@ def format_table(rows: Iterable[Dict[str, object]], columns, markdown: bool = Fa
 
 
 def tables(rows: List[Dict[str, object]], markdown: bool = False) -> str:
-    """One table of memory/traffic/launch rows and one of time rows."""
+    """A table per kind of row: decoder-layer times, memory/traffic/launches, op times."""
     memory = [r for r in rows if r["section"] in ("paper", "scaling", "variants")]
     timing = [r for r in rows if r["section"] == "speedup"]
+    layer = [r for r in rows if r["section"] == LAYER_SECTION]
     out = []
+    if layer:
+        out += ["Decoder layer, forward + backward, wall time (interleaved rounds):",
+                format_table(layer, LAYER_COLUMNS, markdown), ""]
     if memory:
         out += ["Memory, traffic and launches (bytes counted, not estimated):", format_table(memory, MEMORY_COLUMNS,
                                                                                             markdown)]

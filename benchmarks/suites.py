@@ -13,12 +13,17 @@ variants-cpu  the routed group at T 1024, dropout 0, Hydra or per-expert A x top
 llama-cpu  LLaMA-3-8B shapes, routed group at T 256 and decoder layer at T 64 (minutes).
 full     paper + LLaMA-3-8B shapes, T up to 16k (torch paths; triton to 4096), E 2..64 x r 4..64,
          Hydra on/off, soft/top-2, torch.compile.
+layer-cpu  CPU time of one hybrid decoder layer of Qwen2-1.5B (layer 14 of 28) in a transformers model, T 1024,
+         fp32, 2 threads, forward + backward, at dropout 0.1 and 0: the bare layer, a plain-PyTorch stand-in for the
+         reference implementation (nn.Dropout per adapter), hmora's torch backend with the native and the philox
+         mask generator, and torch.compile of it (benchmarks.decoder_layer). About 6 minutes on 2 idle cores.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from typing import Dict, List, Sequence, Tuple
 
+from .decoder_layer import LayerCase, LayerSetting
 from .workloads import LLAMA3_8B, PAPER, QWEN2_1_5B, Setting, Workload
 
 MEMORY_IMPLS = ("reference", "torch", "triton")
@@ -54,7 +59,7 @@ def _speedup(tokens: int, grid: Sequence[Tuple[int, int]], settings: Sequence[Se
             for s in settings for e, r in grid]
 
 
-def _suites() -> Dict[str, List[Case]]:
+def _suites() -> Dict[str, List[object]]:
     variants = [PAPER, replace(PAPER, hydra=False), replace(PAPER, top_k=None), replace(PAPER, hydra=False, top_k=None)]
     small_grid = [(2, 4), (4, 4), (8, 4), (8, 8), (16, 8), (64, 4)]  # E*r 8 .. 256
     full_grid = [(e, r) for e in (2, 8, 16, 64) for r in (4, 8, 16, 64)]
@@ -69,6 +74,10 @@ def _suites() -> Dict[str, List[Case]]:
              memory=False, timing=True),
     ]
     return {
+        "layer-cpu": [
+            LayerCase(LayerSetting(dropout=0.1), ("bare", "stand-in", "hmora", "hmora-philox", "hmora+compile")),
+            LayerCase(LayerSetting(dropout=0.0), ("bare", "stand-in", "hmora")),
+        ],
         "paper-cpu": paper_cpu,
         # the q/k/v group over four octaves of T up to the acceptance point, dropout 0 as paper-cpu (10 min)
         "scaling-cpu": _scaling([256, 512, 1024, 2048, 4096], setting=no_dropout),

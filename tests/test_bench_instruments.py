@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 from benchmarks import cli, suites
+from benchmarks.decoder_layer import LayerCase, LayerSetting, LayerShape
 from benchmarks.instruments import KernelTraffic, L2Model, OpTraffic, SavedBytes, cpu_wall_time, tensor_bytes
 from benchmarks.suites import Case
 from benchmarks.workloads import PAPER, ModelShape, Setting, Workload, minimum_saved_bytes, minimum_traffic_bytes
@@ -317,3 +318,20 @@ def _column(markdown: str, head: str, implementation: str):
              if line.startswith("| ")]
     heads = next(cells for cells in lines if head in cells)
     return [cells[heads.index(head)] for cells in lines if cells[heads.index("impl")] == implementation]
+
+
+def test_hmora_bench_times_a_decoder_layer_beside_the_stand_in(tmp_path, monkeypatch, capsys, keep_torch_threads):
+    """The layer-cpu machinery on a tiny Qwen2 layer: one row per implementation, added times against the bare
+    layer's and as a ratio to the stand-in's (1 for the stand-in itself)."""
+    tiny = LayerShape("tiny", hidden=32, intermediate=48, heads=4, kv_heads=2)
+    case = LayerCase(LayerSetting(shape=tiny, seq_len=16, num_experts=4, rank=2), ("bare", "stand-in", "hmora"),
+                     threads=1)
+    monkeypatch.setitem(suites.SUITES, "tiny-layer", [case])
+    assert cli.main(["--suite", "tiny-layer", "--out", str(tmp_path), "--repeats", "2", "--no-plots"]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [r["implementation"] for r in rows] == ["bare", "stand-in", "hmora"]
+    by_impl = {r["implementation"]: r for r in rows}
+    assert by_impl["bare"]["added_s"] == 0 and by_impl["stand-in"]["added_vs_standin"] == 1
+    assert len(by_impl["hmora"]["cpu_s_rounds"]) == 2 and by_impl["hmora"]["threads"] == 1
+    assert by_impl["hmora"]["dropout_rng"] == "native" and by_impl["stand-in"]["dropout_rng"] == "nn.Dropout"
+    assert "Decoder layer, forward + backward" in capsys.readouterr().out

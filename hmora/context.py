@@ -28,6 +28,14 @@ def in_backward() -> bool:
     return graph_task_id is None or graph_task_id() != -1
 
 
+def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True if `b` is `a` or an alias of it holding the same values: the same view of the same memory, not written
+    since. DeepSpeed ZeRO-3 hands each module its own `detach()`ed alias of the input."""
+    return a is b or (a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+                      and a.storage_offset() == b.storage_offset() and a.shape == b.shape
+                      and a.stride() == b.stride() and a.dtype == b.dtype and a._version == b._version)
+
+
 class ForwardContext:
     """task_reprs: {ROUTING_TASK: (B, d), LOSS_TASK: (N, d)}, each optional. `loss_terms`: name -> function of one
     router's value giving its term of an auxiliary loss ("token": (logits, p_tok, gates) -> loss with this forward's
@@ -90,9 +98,9 @@ class ForwardContext:
         return mask.to(device) != 0
 
     def take_pending(self, owner: str, x: torch.Tensor, member: int) -> Optional[torch.Tensor]:
-        """The output the group computed for `member` on this very input tensor, if it is waiting."""
+        """The output the group computed for `member` on this very input, if it is waiting."""
         entry = self.pending.get(owner)
-        if entry is None or entry[0] is not x or member not in entry[1]:
+        if entry is None or not same_values(entry[0], x) or member not in entry[1]:
             return None
         output = entry[1].pop(member)
         if not entry[1]:

@@ -107,6 +107,25 @@ def test_shared_router_gives_every_member_the_owners_gates():
         torch.testing.assert_close(captured[name][1], expected, rtol=1e-5, atol=1e-5)
 
 
+def test_members_given_aliases_of_their_input_share_one_group_computation():
+    """DeepSpeed ZeRO-3 hands every module its own `detach()`ed alias of the input: the group must still compute all
+    its members at once, with one dropout draw, as when they get the same tensor (each member computing the group
+    itself drew other masks and moved the ZeRO-3 run 20% off the single-process one)."""
+    from hmora.layers import ExpertLinear
+
+    model = tiny_model("qwen2", dropout=0.1).train()
+    ids, mask, labels = batch()
+    torch.manual_seed(0)
+    expected = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    hooks = [m.register_forward_pre_hook(lambda module, args: (args[0].detach(), *args[1:]))
+             for m in model.modules() if isinstance(m, ExpertLinear)]
+    torch.manual_seed(0)
+    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    for hook in hooks:
+        hook.remove()
+    assert torch.equal(loss, expected)
+
+
 def test_at_step_zero_the_lm_loss_moves_only_b_matrices():
     """SPEC 2.3: B = 0 at init, so d CE / d(anything but B) = 0. The aux loss moves the token routers and,
     through each router's input, the B matrices of the layers below; never A, alpha or the task side."""

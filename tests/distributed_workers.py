@@ -85,3 +85,25 @@ def trainer_single_process(out_dir: str, world: int) -> dict:
     args = trainer_arguments(out_dir, world, gradient_accumulation_steps=world)
     HMoRATrainer(model=model, args=args, train_dataset=trainer_rows(world)).train()
     return adapter_state(model)
+
+
+def deepspeed_engine(rank: int, world: int, stage: int, steps: int, out_dir: str) -> None:
+    """`steps` steps of SGD on this rank's shard under DeepSpeed ZeRO-`stage` on the CPU with gloo, every parameter
+    partitioned (ZeRO-3: none kept whole for being small). DeepSpeed clips the gradient norm to 1.0 unless told
+    otherwise; the single-process run does not clip."""
+    import deepspeed
+
+    deepspeed.init_distributed("gloo")
+    model = data_parallel_model().train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
+    config = {"train_micro_batch_size_per_gpu": ROWS_PER_RANK, "gradient_accumulation_steps": 1,
+              "gradient_clipping": 0.0, "zero_allow_untested_optimizer": True,
+              "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    for step in range(steps):
+        torch.manual_seed(1000 + step)
+        engine.backward(engine(**shard(global_batch(step, world), rank)).loss)
+        engine.step()
+    with deepspeed.zero.GatheredParameters(list(model.adapter_named_parameters().values())):  # no-op below ZeRO-3
+        state = adapter_state(model)
+    torch.save(state, Path(out_dir) / f"rank{rank}.pt")

@@ -8,6 +8,7 @@ old one: a failed save leaves the last good checkpoint as it was.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -52,17 +53,29 @@ def full_tensor(tensor):
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
+def zero3_gathered(tensors):
+    """A context in which the DeepSpeed ZeRO-3 partitioned parameters among `tensors` hold their whole values (a
+    collective: every rank enters it); outside it they are empty."""
+    partitioned = [t for t in tensors if hasattr(t, "ds_id")]
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned)
+
+
 def save_adapter(model, directory, state_dict=None, is_main_process: bool = True) -> None:
     """Write the adapter of `model`. `state_dict` (e.g. the full state dict Trainer gathers under FSDP): take the
-    adapter tensors from it instead of from the model. Every rank must call this under FSDP2 (gathering is
-    collective); only the main process writes."""
+    adapter tensors from it instead of from the model. Every rank must call this under FSDP2 or DeepSpeed ZeRO-3
+    (gathering is collective); only the main process writes."""
     if state_dict is not None:
         by_adapter_name = {name[len("base_model."):] if name.startswith("base_model.") else name: tensor
                            for name, tensor in state_dict.items()}
         tensors = {name: by_adapter_name[name] for name in model.adapter_state_tensors()}
     else:
         tensors = model.adapter_state_tensors()
-    tensors = {name: full_tensor(t).detach().to("cpu").contiguous() for name, t in tensors.items()}
+    with zero3_gathered(tensors.values()):  # copies: ZeRO-3 empties the gathered parameters on the way out
+        tensors = {name: full_tensor(t).detach().to("cpu", copy=True).contiguous() for name, t in tensors.items()}
     if not is_main_process:
         return
     directory = Path(directory)

@@ -107,3 +107,4 @@ def deepspeed_engine(rank: int, world: int, stage: int, steps: int, out_dir: str
     with deepspeed.zero.GatheredParameters(list(model.adapter_named_parameters().values())):  # no-op below ZeRO-3
         state = adapter_state(model)
     torch.save(state, Path(out_dir) / f"rank{rank}.pt")
+    model.save_pretrained(Path(out_dir) / "adapter", is_main_process=rank == 0)  # gathers ZeRO-3's partitions

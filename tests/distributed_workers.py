@@ -10,8 +10,8 @@ from distributed import (LR, ROWS_PER_RANK, STEPS, adapter_state, data_parallel_
                          window_forwards)
 
 
-def torch_engine(rank: int, world: int, engine: str, out_dir: str) -> None:
-    """STEPS steps of SGD on this rank's shard under DDP or FSDP2 (fully_shard per decoder layer, then the root).
+def torch_engine(rank: int, world: int, engine: str, steps: int, out_dir: str) -> None:
+    """`steps` steps of SGD on this rank's shard under DDP or FSDP2 (fully_shard per decoder layer, then the root).
 
     "ddp-window": the shard as an accumulation window of the reference recipe (`window_forwards`), every
     micro-batch but the last under `no_sync`, the last carrying the window's task-router loss."""
@@ -26,7 +26,7 @@ def torch_engine(rank: int, world: int, engine: str, out_dir: str) -> None:
             fully_shard(layer)
         wrapped = fully_shard(model)
     optimizer = torch.optim.SGD([p for p in wrapped.parameters() if p.requires_grad], lr=LR)
-    for step in range(STEPS):
+    for step in range(steps):
         rows = shard(global_batch(step, world), rank)
         if engine == "ddp-window":
             *accumulated, last = window_forwards(rows)

@@ -93,6 +93,8 @@ def deepspeed_engine(rank: int, world: int, stage: int, steps: int, out_dir: str
     otherwise; the single-process run does not clip."""
     import deepspeed
 
+    # gloo reduces on the CPU; DeepSpeed's shared-memory all-reduce would first JIT-compile its C++ op for minutes
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed("gloo")
     model = data_parallel_model().train()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)

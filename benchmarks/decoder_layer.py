@@ -289,10 +289,12 @@ class LayerCase:
     implementations: Tuple[str, ...]
     threads: int = 2
     section: str = "decoder-layer"
+    max_rounds: Optional[int] = None  # for slow rows whose added time is many times the noise
 
     def run(self, rounds: int, threads: Optional[int] = None) -> List[Dict[str, object]]:
         """Rows: median seconds per step, added seconds over the bare layer and their ratio to the stand-in's."""
         threads = threads or self.threads
+        rounds = min(rounds, self.max_rounds or rounds)
         previous = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:

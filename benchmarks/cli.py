@@ -26,6 +26,9 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default 1: on a shared, loaded machine OpenMP barriers wreck "
                              "timings; layer-cpu: 2, the setting it reproduces)")
+    parser.add_argument("--clock", choices=("wall", "process"), default="wall",
+                        help="layer-cpu: wall time, or this process's CPU time (steadier on a loaded machine with "
+                             "--threads 1; with more threads it also counts their spin-waits)")
     parser.add_argument("--l2-mib", type=float, default=40,
                         help="L2 size of the cache model behind the kernels' DRAM bytes (default 40: an A100)")
     parser.add_argument("--no-plots", action="store_true", help="skip the matplotlib PNGs")
@@ -42,7 +45,8 @@ def _set_interpreter_unless_cuda() -> None:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-def _run_suite(suite: str, repeats: int, l2_mib: float, out: str, threads: Optional[int]) -> List[dict]:
+def _run_suite(suite: str, repeats: int, l2_mib: float, out: str, threads: Optional[int],
+               clock: str = "wall") -> List[dict]:
     """Measure every case; results.csv/json are rewritten after each run so a long suite keeps what it measured."""
     from tqdm import tqdm
 
@@ -60,7 +64,7 @@ def _run_suite(suite: str, repeats: int, l2_mib: float, out: str, threads: Optio
     rows = []
     for case, impl in tqdm(jobs, desc=f"hmora-bench {suite}", unit="run"):
         if impl is None:
-            rows += case.run(repeats, threads)
+            rows += case.run(repeats, threads, clock)
         else:
             for row in measure(case.workload, impl, memory=case.memory, timing=case.timing, repeats=repeats,
                                l2_bytes=int(l2_mib * 2**20)):
@@ -89,7 +93,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     os.makedirs(args.out, exist_ok=True)
     written = []
     if not args.from_json:
-        rows = _run_suite(args.suite, args.repeats, args.l2_mib, args.out, args.threads)
+        rows = _run_suite(args.suite, args.repeats, args.l2_mib, args.out, args.threads, args.clock)
         written += [os.path.join(args.out, name) for name in ("results.csv", "results.json")]
     print(report.tables(rows, markdown=args.markdown))
     if not args.no_plots:

@@ -35,6 +35,7 @@ NUM_LAYERS, LAYER_INDEX = 28, 14  # the layer is layer 14 of Qwen2-1.5B's 28: hy
 VOCAB = 1024  # cut from 151,936: the LM head is the same in every implementation and only adds noise
 SOURCE_TOKENS = 16  # the task encoder's input per sequence
 IMPLEMENTATIONS = ("bare", "stand-in", "hmora", "hmora-philox", "hmora+compile")
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
 
 
 @dataclass(frozen=True)
@@ -291,15 +292,16 @@ class LayerCase:
     section: str = "decoder-layer"
     max_rounds: Optional[int] = None  # for slow rows whose added time is many times the noise
 
-    def run(self, rounds: int, threads: Optional[int] = None) -> List[Dict[str, object]]:
-        """Rows: median seconds per step, added seconds over the bare layer and their ratio to the stand-in's."""
+    def run(self, rounds: int, threads: Optional[int] = None, clock: str = "wall") -> List[Dict[str, object]]:
+        """Rows: median seconds per step, added seconds over the bare layer and their ratio to the stand-in's.
+        clock: "wall" or "process" (this process's CPU time, see `time_interleaved`)."""
         threads = threads or self.threads
         rounds = min(rounds, self.max_rounds or rounds)
         previous = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
             steps = build_steps(self.setting, self.implementations)
-            first, samples = time_interleaved(steps, make_inputs(self.setting), rounds)
+            first, samples = time_interleaved(steps, make_inputs(self.setting), rounds, CLOCKS[clock])
         finally:
             torch.set_num_threads(previous)
         s = self.setting
@@ -311,7 +313,7 @@ class LayerCase:
             rows.append({
                 "section": self.section, "model": s.shape.name, "layer": f"{LAYER_INDEX} of {NUM_LAYERS}, hybrid",
                 "tokens": s.tokens, "experts": s.num_experts, "rank": s.rank, "dropout": s.dropout,
-                "dtype": "float32", "threads": threads, "rounds": rounds, "implementation": name,
+                "dtype": "float32", "threads": threads, "clock": clock, "rounds": rounds, "implementation": name,
                 "dropout_rng": {"hmora-philox": "philox", "hmora": s.dropout_rng,
                                 "hmora+compile": s.dropout_rng}.get(name, "nn.Dropout" if name == "stand-in" else ""),
                 "cpu_s": statistics.median(times), "cpu_s_rounds": times, "first_step_s": first[name],

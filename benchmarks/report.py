@@ -133,7 +133,7 @@ TIME_COLUMNS = [
 
 LAYER_COLUMNS = [
     ("model", "model", _plain), ("layer", "layer", _plain), ("T", "tokens", _plain), ("threads", "threads", _plain),
-    ("dropout", "dropout", _plain), ("impl", "implementation", _plain), ("masks", "dropout_rng", _plain),
+    ("clock", "clock", _plain), ("dropout", "dropout", _plain), ("impl", "implementation", _plain), ("masks", "dropout_rng", _plain),
     ("cpu ms (median)", "cpu_s", _ms), ("added ms", "added_s", _ms),
     ("added / stand-in's", "added_vs_standin", lambda v: "" if v is None else f"{v:.2f}"), ("note", "note", _plain),
 ]
@@ -159,7 +159,7 @@ def tables(rows: List[Dict[str, object]], markdown: bool = False) -> str:
     layer = [r for r in rows if r["section"] == LAYER_SECTION]
     out = []
     if layer:
-        out += ["Decoder layer, forward + backward, wall time (interleaved rounds):",
+        out += ["Decoder layer, forward + backward, seconds per step by the clock column (interleaved rounds):",
                 format_table(layer, LAYER_COLUMNS, markdown), ""]
     if memory:
         out += ["Memory, traffic and launches (bytes counted, not estimated):", format_table(memory, MEMORY_COLUMNS,

@@ -52,11 +52,14 @@ class _DroppedShrink(torch.autograd.Function):
         dhs = [dh * ctx.scale for dh in dhs]
         dx = None
         if ctx.needs_input_grad[0]:
+            # under autocast (a backward called inside it) mm computes in half precision: no out= of x's dtype
+            direct = not torch.is_autocast_enabled(xm.device.type)
+
             def products(out):
                 for s, (dh, W) in enumerate(zip(dhs, weights)):
-                    if W.dtype == out.dtype:
+                    if direct and dh.dtype == W.dtype == out.dtype:
                         torch.mm(dh, W, out=out[s])
-                    else:  # the fp32 router of half-precision x
+                    else:  # the fp32 router of half-precision x, or autocast
                         out[s].copy_(dh @ W)
                 return out
 

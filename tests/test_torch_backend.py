@@ -125,3 +125,25 @@ def test_non_contiguous_and_stride0_inputs(case):
                                router_bias=None if bias is None else bias_b.contiguous(), **kwargs)
         for m in range(n):
             torch.testing.assert_close(got.outputs[m], want.outputs[m], rtol=0, atol=1e-6)
+
+
+def test_backward_inside_bf16_autocast_with_dropout():
+    """hmora-train --bf16 and TRL call backward inside autocast, where mm computes in bf16: the dropout shrink's
+    backward must not write bf16 products into fp32 buffers (it raised). Native masks: the reference draws the same."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 32, generator=g)
+    A = [torch.randn(4, 32, generator=g) for _ in range(2)]
+    B = [torch.randn(8, 16, generator=g) for _ in range(2)]  # E 4, Hydra r 4
+    W = torch.randn(4, 32, generator=g)
+    grads = {}
+    for backend in ("reference", "torch"):
+        leaves = [t.clone().requires_grad_() for t in (x, *A, *B, W)]
+        torch.manual_seed(5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = hk.routed_group(leaves[0], leaves[1:3], leaves[3:5], 1.0, router_weight=leaves[5], kind="token",
+                                  top_k=2, dropout_p=0.1, dropout_rng="native", backend=backend)
+            sum(y.float().square().sum() for y in out.outputs).backward()
+        grads[backend] = [t.grad for t in leaves]
+    for name, got, expected in zip(["x", "A0", "A1", "B0", "B1", "W"], grads["torch"], grads["reference"]):
+        assert got.dtype == torch.float32, name
+        torch.testing.assert_close(got, expected, rtol=0.05, atol=0.05 * expected.abs().max().item(), msg=name)

@@ -49,7 +49,8 @@ class _DroppedShrink(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *dhs):
         xm, dropped, *weights = ctx.saved_tensors
-        dhs = [dh * ctx.scale for dh in dhs]
+        # in each weight's dtype: a forward under autocast hands back half-precision dh for fp32 weights
+        dhs = [dh.to(W.dtype) * ctx.scale for dh, W in zip(dhs, weights)]
         dx = None
         if ctx.needs_input_grad[0]:
             # under autocast (a backward called inside it) mm computes in half precision: no out= of x's dtype
@@ -57,7 +58,7 @@ class _DroppedShrink(torch.autograd.Function):
 
             def products(out):
                 for s, (dh, W) in enumerate(zip(dhs, weights)):
-                    if direct and dh.dtype == W.dtype == out.dtype:
+                    if direct and W.dtype == out.dtype:
                         torch.mm(dh, W, out=out[s])
                     else:  # the fp32 router of half-precision x, or autocast
                         out[s].copy_(dh @ W)

@@ -127,9 +127,11 @@ def test_non_contiguous_and_stride0_inputs(case):
             torch.testing.assert_close(got.outputs[m], want.outputs[m], rtol=0, atol=1e-6)
 
 
-def test_backward_inside_bf16_autocast_with_dropout():
-    """hmora-train --bf16 and TRL call backward inside autocast, where mm computes in bf16: the dropout shrink's
-    backward must not write bf16 products into fp32 buffers (it raised). Native masks: the reference draws the same."""
+@pytest.mark.parametrize("backward_inside", [True, False])
+def test_bf16_autocast_forward_with_dropout(backward_inside):
+    """A forward under bf16 autocast (hmora-train --bf16, TRL) hands the dropout shrink's backward bf16 dh for fp32
+    weights, and a backward called inside autocast computes mm in bf16: neither may meet an fp32 buffer or weight
+    as it is (both raised). Native masks: the reference draws the same."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(16, 32, generator=g)
     A = [torch.randn(4, 32, generator=g) for _ in range(2)]
@@ -142,7 +144,11 @@ def test_backward_inside_bf16_autocast_with_dropout():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = hk.routed_group(leaves[0], leaves[1:3], leaves[3:5], 1.0, router_weight=leaves[5], kind="token",
                                   top_k=2, dropout_p=0.1, dropout_rng="native", backend=backend)
-            sum(y.float().square().sum() for y in out.outputs).backward()
+            loss = sum(y.float().square().sum() for y in out.outputs)
+            if backward_inside:
+                loss.backward()
+        if not backward_inside:
+            loss.backward()
         grads[backend] = [t.grad for t in leaves]
     for name, got, expected in zip(["x", "A0", "A1", "B0", "B1", "W"], grads["torch"], grads["reference"]):
         assert got.dtype == torch.float32, name

@@ -10,6 +10,8 @@ import torch
 
 import hmora_kernels as hk
 
+from hmora_kernels.triton_backend.launch import observe_launches
+
 from group_cases import GroupCase, check_lora_against_reference, make_problem, run_group
 from tolerances import assert_close
 
@@ -50,6 +52,51 @@ CASES = [
 ]
 
 
+# The configurations the rank tiling opens (beyond E 16, E*r 128, 4 members): each exercises a planner tier or a
+# launch path of its own, at interpreter-sized T and d.
+LARGE_CASES = [
+    GroupCase("E = 64 (the expert limit), r = 2, top-2: routing tile 64, chunks of 8 experts mostly unselected",
+              T=40, d_in=40, d_outs=[24], E=64, r=2, top_k=2, kind="hybrid", n_seq=2),
+    GroupCase("E = 8, r = 128 (the rank limit, E*r = 1024), Hydra, top-2, bf16: rank blocks of 64", T=33, d_in=32,
+              d_outs=[16, 24], E=8, r=128, hydra=True, top_k=2, dtype=BF16),
+    GroupCase("E = 16, r = 64 (E*r = 1024), per-expert A, top-2, fp16: 16 chunks of h and of the operand", T=33,
+              d_in=32, d_outs=[16], E=16, r=64, top_k=2, dtype=F16, param_dtype=F32),
+    GroupCase("12 members (two launch groups: 8 + 4), dropout on: member streams past 8", T=21, d_in=24,
+              d_outs=[8, 16, 8, 24, 8, 16, 8, 8, 16, 8, 24, 8], E=4, r=4, top_k=2, dropout_p=0.1),
+    GroupCase("per-expert E*r = 512, soft routing, task-only: no expert skipped, 8 chunks", T=30, d_in=24,
+              d_outs=[16, 16], E=8, r=64, kind="task", n_seq=3),
+    GroupCase("E = 64, r = 1 (rank-wise experts), soft routing, fp32", T=25, d_in=24, d_outs=[16], E=64, r=1),
+    GroupCase("E = 33, r = 31 (neither a power of two: padded expert and rank blocks), top-3 sum renorm", T=20,
+              d_in=24, d_outs=[16], E=33, r=31, top_k=3, renorm="sum"),
+]
+
+
+@pytest.mark.parametrize("case", LARGE_CASES, ids=str)
+def test_large_groups_match_reference(case):
+    problem = make_problem(case)
+    expected_values, expected_grads = run_group(case, problem, "reference", as_float64=True)
+    values, grads = run_group(case, problem, "triton")
+    assert_matches_reference(case, values, grads, expected_values, expected_grads)
+
+
+def test_members_of_different_dtypes_take_one_launch_group_each():
+    """Members whose parameters differ in dtype (fp32, bf16, fp32 under bf16 activations) are served by three launch
+    groups; the result is the reference's, and the launches are the paper's 2 + 3 per group (route_grad once)."""
+    case = GroupCase("mixed member dtypes", T=30, d_in=32, d_outs=[16, 24, 8], E=8, r=4, top_k=2, dtype=BF16)
+    problem = make_problem(case)
+    problem.members_A[1], problem.members_B[1] = problem.members_A[1].to(BF16), problem.members_B[1].to(BF16)
+    problem.members_A[0], problem.members_B[0] = problem.members_A[0].float(), problem.members_B[0].float()
+    problem.members_A[2], problem.members_B[2] = problem.members_A[2].float(), problem.members_B[2].float()
+    expected_values, expected_grads = run_group(case, problem, "reference", as_float64=True)
+    with observe_launches() as launches:
+        values, grads = run_group(case, problem, "triton")
+    assert_matches_reference(case, values, grads, expected_values, expected_grads)
+    names = [name for name, *_ in launches]
+    assert names.count("shrink_route_kernel") == names.count("expand_kernel") == 3
+    assert names.count("output_grad_kernel") == names.count("input_grad_kernel") == 3
+    assert names.count("route_grad_kernel") == 1
+
+
 def assert_matches_reference(case, values, grads, expected_values, expected_grads):
     for name, expected in expected_values.items():
         assert_close(values[name], expected, case.dtype, f"value {name}")
@@ -85,6 +132,10 @@ DETERMINISTIC_CASES = [
               E=8, r=4, kind="hybrid", top_k=2, n_seq=2, dropout_p=0.1),
     GroupCase("Hydra, token soft routing, q/k/v-like members over 3 + 1 + 1 column blocks", T=100, d_in=40,
               d_outs=[150, 16, 16], E=8, r=8, hydra=True, kind="token"),
+    GroupCase("E = 32, r = 32 Hydra top-3: dh summed over 16 expert blocks in order; 9 members (2 launch groups)",
+              T=40, d_in=24, d_outs=[16] * 9, E=32, r=32, hydra=True, top_k=3),
+    GroupCase("E = 64, r = 4 per-expert top-2: skipped chunks leave dh unwritten, never read", T=50, d_in=24,
+              d_outs=[40], E=64, r=4, top_k=2, kind="hybrid", n_seq=2),
 ]
 
 
@@ -143,24 +194,20 @@ def test_route_delegates_to_the_torch_backend():
         assert torch.equal(a, b)
 
 
-def _group(E, r, members, hydra=False):
+def _group(E, r, members=1, hydra=False, dtype=F32):
     D = 16
     rows = r if hydra else E * r
-    return dict(x=torch.randn(4, D), members_A=[torch.randn(rows, D)] * members,
+    return dict(x=torch.randn(4, D, dtype=dtype), members_A=[torch.randn(rows, D)] * members,
                 members_B=[torch.randn(8, E * r)] * members, scaling=1.0, router_weight=torch.randn(E, D))
 
 
 @pytest.mark.parametrize("args,message", [
-    (_group(E=16, r=16, members=1, hydra=True),
-     r"E\*r = 16\*16, padded to powers of two 16\*16 = 256, exceeds the kernels' limit 128.*backend='torch'"),
-    # 120 columns, but the register tile is an outer product of power-of-two expert and rank slots
-    (_group(E=3, r=40, members=1, hydra=True),
-     r"E\*r = 3\*40, padded to powers of two 4\*64 = 256, exceeds the kernels' limit 128.*backend='torch'"),
-    (_group(E=32, r=2, members=1), r"E = 32 experts exceeds the kernels' limit 16.*backend='torch'"),
-    (_group(E=2, r=4, members=5), r"5 members share one router, the kernels take at most 4.*backend='torch'"),
-    (_group(E=8, r=16, members=3), r"3 members x rank width 128.*= 384 exceeds the kernels' limit 256"),
-], ids=["E*r", "E*r padded", "E", "members", "group-rank"])
-def test_inputs_beyond_the_kernels_limits_name_the_fix(args, message):
+    (_group(E=65, r=1), r"E = 65 experts exceeds the kernels' limit 64.*backend='torch'"),
+    (_group(E=1, r=129), r"rank r = 129 exceeds the kernels' limit 128.*backend='torch'"),
+    (_group(E=16, r=65, hydra=True), r"E\*r = 16\*65 = 1040 exceeds the kernels' limit 1024.*backend='torch'"),
+    (_group(E=2, r=4, dtype=torch.float64), r"x is torch.float64; the kernels take float32, float16 or bfloat16"),
+], ids=["E", "r", "E*r", "float64"])
+def test_inputs_beyond_the_kernels_limits_name_the_limit_and_the_fix(args, message):
     with pytest.raises(ValueError, match=message):
         hk.routed_group(args.pop("x"), args.pop("members_A"), args.pop("members_B"), args.pop("scaling"),
                         backend="triton", **args)

@@ -43,8 +43,9 @@ def saved_for_backward(args, backend):
 
 
 def test_saved_for_backward_is_x_rank_activations_and_routing_only():
-    """Saved: a reference to x, h (T, M*r) in x's dtype, gates and p_tok (T, E) fp32, and references to the
-    parameters. Nothing of size (T, d_in) beyond x itself, nothing (T, d_out), no dropout mask."""
+    """Saved: a reference to x, h (T, M*r) in x's dtype, gates and p_tok (T, E) fp32, each token's selected experts
+    as one int64 bit mask (top-k), and references to the parameters. Nothing of size (T, d_in) beyond x itself,
+    nothing (T, d_out), no dropout mask."""
     args = paper_group()
     _, saved = saved_for_backward(args, "triton")
     params = [*args["members_A"], *args["members_B"], args["router_weight"], args["router_bias"],
@@ -55,11 +56,11 @@ def test_saved_for_backward_is_x_rank_activations_and_routing_only():
     assert any(t.data_ptr() == x.data_ptr() and t.shape == x.shape for t in activations), "x is not saved by reference"
     others = [t for t in activations if t.data_ptr() != x.data_ptr()]
     for t in others:
-        assert t.dtype != torch.bool, "a dropout mask was saved"
+        assert t.dtype != torch.bool and t.shape != x.shape, "a dropout mask was saved"
         assert t.shape[-1] not in D_OUTS and tuple(t.shape) != (T, D), f"saved a (T, d) tensor {tuple(t.shape)}"
     other_bytes = sum(t.numel() * t.element_size() for t in others)
     h_bytes = T * len(D_OUTS) * R * x.element_size()  # Hydra: h_m is (T, r)
-    routing_bytes = 2 * T * E * 4  # gates and p_tok, fp32
+    routing_bytes = 2 * T * E * 4 + T * 8  # gates and p_tok, fp32; the selection masks, int64
     assert other_bytes == h_bytes + routing_bytes
     _, torch_saved = saved_for_backward(paper_group(), "torch")
     torch_bytes = sum(t.numel() * t.element_size() for t in torch_saved if t.data_ptr() not in param_ptrs)

@@ -4,7 +4,9 @@ Forward per routed group: 2 launches (shrink_route_kernel: x read once for the r
 routing in registers; expand_kernel: y_m = base_m + s (g (x) h_m) B_m^T for all members). Backward: 3 launches
 (output_grad_kernel: each dY read once for dB and the rank/gate gradients; route_grad_kernel: routing back to the
 logits; input_grad_kernel: x read once for dx, dA and the router's gradients) plus two memsets when gradients
-may use atomics, i.e. unless torch.use_deterministic_algorithms(True) is on. Runs on CUDA tensors, or on CPU tensors when
+may use atomics, i.e. unless torch.use_deterministic_algorithms(True) is on (then rank_grad_kernel computes the rank
+and gate gradients without atomics, reading dY again). Groups of more than 8 members, or of members with different
+parameter or output dtypes, take these launches once per launch group. Runs on CUDA tensors, or on CPU tensors when
 TRITON_INTERPRET=1 was set before triton was imported.
 """
 from __future__ import annotations
@@ -15,7 +17,7 @@ import triton
 from .. import torch_backend
 from ..types import GroupOutput
 from .autograd import routed_group_forward
-from .plan import check_limits
+from .plan import check_limits, dot_precision
 from .shrink_route import shrink_route_kernel
 
 __all__ = ["lora", "route", "routed_group"]
@@ -42,6 +44,17 @@ def route(logits, *, task_probs=None, alpha=None, kind="token", top_k=None, reno
                                num_tokens=num_tokens, rule=rule, token_mask=token_mask, selection_bias=selection_bias)
 
 
+def _seed_args(seed, x: torch.Tensor):
+    """(Python seed, seed tensor or None): a 1-element int64 tensor on x's device is read by the kernels themselves,
+    so drawing the seed on the device needs no host sync."""
+    if isinstance(seed, torch.Tensor):
+        if seed.numel() != 1 or seed.dtype != torch.int64 or seed.device != x.device:
+            raise ValueError(f"seed: expected a Python int or a 1-element int64 tensor on {x.device}, got a tensor "
+                             f"of shape {tuple(seed.shape)}, {seed.dtype}, on {seed.device}")
+        return 0, seed
+    return int(seed), None
+
+
 def routed_group(
     x, members_A, members_B, scaling, *, shape, router_weight=None, router_bias=None, router_logits=None,
     task_probs=None, alpha=None, kind="token", top_k=None, renorm="softmax", dropout_p=0.0, seed=0,
@@ -50,19 +63,21 @@ def routed_group(
     """y_m = base_m + s * sum_e g_e (drop_m(x) A_{m,e}^T) B_{m,e}^T with g from the group's router, fused.
 
     Both dropout_rng modes draw the Philox stream of `seed` in registers (it is this backend's native generator);
+    `seed` may be a Python int or a 1-element int64 tensor on x's device, which the kernels read themselves;
     the outputs are new tensors (reuse_bases permits, never obliges, writing into the bases).
     token_mask only matters to the routing rules, which the kernels do not do yet."""
     if rule is not None:
         raise ValueError(f"backend='triton': the fused kernels do not do rule={type(rule).__name__} yet; "
                          f"use backend='torch'")
     _check_device(x)
-    check_limits(shape.num_experts, shape.rank, shape.hydra, len(members_A))
+    check_limits(shape.num_experts, shape.rank, x.dtype)
     if kind == "task":
         router_weight = router_bias = router_logits = None
+    seed, seed_tensor = _seed_args(seed, x)
     out = routed_group_forward(
         x, list(members_A), list(members_B), list(bases or []), router_weight, router_bias, router_logits,
-        task_probs, alpha, float(scaling), shape.num_experts, shape.hydra, kind, top_k or 0, renorm,
-        float(dropout_p), int(seed),
+        task_probs, alpha, seed_tensor, float(scaling), shape.num_experts, shape.hydra, kind, top_k or 0, renorm,
+        float(dropout_p), seed, dot_precision(x.dtype),
     )
     M = len(members_A)
     logits, p_tok, gates = out[M:M + 3]
@@ -76,9 +91,10 @@ def routed_group(
 def lora(x, A, B, scaling, *, dropout_p=0.0, seed=0, dropout_rng="philox", base=None, reuse_base=False):
     """y = base + s * (drop(x) A^T) B^T: the routed group with one member, one expert and no router."""
     _check_device(x)
-    check_limits(1, A.shape[0], False, 1)
+    check_limits(1, A.shape[0], x.dtype)
+    seed, seed_tensor = _seed_args(seed, x)
     out = routed_group_forward(
-        x, [A], [B], [] if base is None else [base], None, None, None, None, None, float(scaling), 1, False,
-        "none", 0, "softmax", float(dropout_p), int(seed),
+        x, [A], [B], [] if base is None else [base], None, None, None, None, None, seed_tensor, float(scaling), 1,
+        False, "none", 0, "softmax", float(dropout_p), seed, dot_precision(x.dtype),
     )
     return out[0]

@@ -1,10 +1,13 @@
-"""The routed-group op as a torch.library custom op (forward and backward), with fake implementations so
-torch.compile(fullgraph=True) traces through it, and the launch sequence of each direction.
+"""The routed-group op as torch.library custom ops (forward and backward), with fake implementations so
+torch.compile(fullgraph=True) traces through them, and the launch sequence of each direction.
 
-Forward: shrink_route_kernel + expand_kernel (2 launches). Backward: output_grad_kernel (each dY read once),
-route_grad_kernel (none for plain LoRA unless deterministic) and input_grad_kernel (x read once), plus, when not
-deterministic, two memsets: the fp32 weight-gradient buffer and the slot of rank/gate partials, both added into.
-Saved for backward: x (a reference), h (T, M*HR) in x's dtype, gates and p_tok (T, E) fp32, and the parameters.
+Members are served in launch groups (consecutive members with one parameter and output dtype, at most
+LAUNCH_MEMBERS: one group in the usual case). Forward: shrink_route_kernel and expand_kernel per launch group.
+Backward: output_grad_kernel per launch group (each dY read once), route_grad_kernel once for a routed group,
+input_grad_kernel per launch group (x read once for the common shapes); in deterministic mode also rank_grad_kernel
+per launch group; plus, outside the kernels, the memsets of the buffers added into. Saved for backward: x (a
+reference), h (T, M*HR) in x's dtype, gates and p_tok (T, E) fp32, under top-k each token's selected experts (T,)
+int64, the parameters and the seed tensor. An empty batch (T = 0) launches nothing.
 """
 from __future__ import annotations
 
@@ -15,30 +18,44 @@ import torch
 from torch import Tensor
 
 from .expand import run_expand
-from .input_grad import run_input_grad
+from .input_grad import input_grad_items, run_input_grad
 from .output_grad import run_output_grad
-from .plan import ROUTER_LOGITS, ROUTER_NONE, ROUTER_WEIGHT, GroupPlan
+from .plan import (
+    ROUTER_LOGITS, ROUTER_NONE, ROUTER_WEIGHT, GroupPlan, launch_groups, output_dtype, param_dtype,
+)
+from .rank_grad import run_rank_grad
 from .route_grad import run_route_grad
 from .shrink_route import run_shrink_route
 
+F32 = torch.float32
 
-def make_plan(x, Bs, router_weight, router_bias, router_logits, task_probs, scaling, num_experts, hydra, kind,
-              top_k, renorm, dropout_p, seed, deterministic) -> GroupPlan:
+
+def member_dtypes(x: Tensor, As, Bs, bases):
+    """(parameter dtype, output dtype) per member, as the kernels read and write them (see plan.param_dtype)."""
+    params = [param_dtype(x.dtype, A.dtype) if A.dtype == B.dtype else F32 for A, B in zip(As, Bs)]
+    outputs = [output_dtype(x.dtype, b.dtype) for b in bases] if bases else [x.dtype] * len(As)
+    return params, outputs
+
+
+def make_plan(x, As, Bs, bases, router_weight, router_bias, router_logits, task_probs, seed_tensor, scaling,
+              num_experts, hydra, kind, top_k, renorm, dropout_p, seed, precision, deterministic) -> GroupPlan:
     if kind in ("task", "none"):
         router = ROUTER_NONE
     else:
         router = ROUTER_LOGITS if router_logits is not None else ROUTER_WEIGHT
+    params, outputs = member_dtypes(x, As, Bs, bases)
     return GroupPlan(
         T=x.shape[0], d_in=x.shape[1], d_outs=tuple(B.shape[0] for B in Bs), E=num_experts,
         r=Bs[0].shape[1] // num_experts, hydra=hydra, kind=kind, router=router,
         has_bias=router == ROUTER_WEIGHT and router_bias is not None, top_k=top_k, renorm_softmax=renorm == "softmax",
-        dropout_p=dropout_p, seed=seed, num_sequences=1 if task_probs is None else task_probs.shape[0],
-        scaling=scaling, deterministic=deterministic,
+        dropout_p=dropout_p, seed=seed, seed_in_memory=seed_tensor is not None,
+        num_sequences=1 if task_probs is None else task_probs.shape[0], scaling=scaling, deterministic=deterministic,
+        precision=precision, groups=launch_groups(params, outputs),
     )
 
 
-def _empty(like: Tensor) -> Tensor:
-    return like.new_empty(0, dtype=torch.float32)
+def _empty(like: Tensor, dtype=F32) -> Tensor:
+    return like.new_empty(0, dtype=dtype)
 
 
 def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
@@ -49,48 +66,93 @@ def _or_none(t: Tensor) -> Optional[Tensor]:
     return None if t.numel() == 0 else t
 
 
+def _aligned(t: Tensor) -> Tensor:
+    """Row-major and 16-byte aligned: the kernels index with unit column stride, and the tensors they take in tuples
+    are compiled for 16-byte alignment (Triton specialises tuple elements on it)."""
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+def _as(t: Optional[Tensor], dtype) -> Optional[Tensor]:
+    return None if t is None else _aligned(t.to(dtype))
+
+
+def _by_group(plan: GroupPlan, values):
+    return [values[g.first:g.first + g.count] for g in plan.groups]
+
+
+def _stand_in(like: Tensor, dtype) -> Tensor:
+    """A pointer for a kernel argument the configuration never reads (its dtype fixed, so the compiled kernel is)."""
+    return like.new_empty(16, dtype=dtype)
+
+
 @torch.library.custom_op("hmora::routed_group_forward", mutates_args=())
 def routed_group_forward(
     x: Tensor, As: List[Tensor], Bs: List[Tensor], bases: List[Tensor], router_weight: Optional[Tensor],
     router_bias: Optional[Tensor], router_logits: Optional[Tensor], task_probs: Optional[Tensor],
-    alpha: Optional[Tensor], scaling: float, num_experts: int, hydra: bool, kind: str, top_k: int, renorm: str,
-    dropout_p: float, seed: int,
+    alpha: Optional[Tensor], seed_tensor: Optional[Tensor], scaling: float, num_experts: int, hydra: bool, kind: str,
+    top_k: int, renorm: str, dropout_p: float, seed: int, precision: str,
 ) -> List[Tensor]:
-    """[y_0 .. y_{M-1}, logits, p_tok, gates, h]; absent routing tensors are empty; bases may be []."""
-    plan = make_plan(x, Bs, router_weight, router_bias, router_logits, task_probs, scaling, num_experts, hydra,
-                     kind, top_k, renorm, dropout_p, seed, deterministic=True)
-    ys, logits, p_tok, gates, h = run_forward(plan, x, As, Bs, bases, router_weight, router_bias, router_logits,
-                                              task_probs, alpha)
-    return ys + [_or_empty(logits, x), _or_empty(p_tok, x), _or_empty(gates, x), h]
+    """[y_0 .. y_{M-1}, logits, p_tok, gates, h, selected]; absent routing tensors are empty; bases may be []."""
+    plan = make_plan(x, As, Bs, bases, router_weight, router_bias, router_logits, task_probs, seed_tensor, scaling,
+                     num_experts, hydra, kind, top_k, renorm, dropout_p, seed, precision, deterministic=True)
+    ys, logits, p_tok, gates, h, sel = run_forward(plan, x, As, Bs, bases, router_weight, router_bias, router_logits,
+                                                   task_probs, alpha, seed_tensor)
+    return ys + [_or_empty(logits, x), _or_empty(p_tok, x), _or_empty(gates, x), h,
+                 sel if plan.selective else _empty(x, torch.int64)]
 
 
-def run_forward(plan: GroupPlan, x, As, Bs, bases, router_weight, router_bias, router_logits, task_probs, alpha):
-    """The forward launches: (ys, logits, p_tok, gates, h), absent routing tensors None."""
-    x, As, Bs, bases = _dense(x), _dense(As), _dense(Bs), _dense(bases)
-    h, logits, p_tok, gates = run_shrink_route(plan, x, As, *_dense([router_weight, router_bias, router_logits,
-                                                                      task_probs, alpha]))
-    out_dtype = bases[0].dtype if bases else x.dtype
-    ys = run_expand(plan, h, gates, Bs, bases or None, out_dtype)
-    return ys, logits, p_tok, gates, h
+def run_forward(plan: GroupPlan, x, As, Bs, bases, router_weight, router_bias, router_logits, task_probs, alpha,
+                seed_tensor):
+    """The forward launches: (ys, logits, p_tok, gates, h, sel), absent routing tensors None."""
+    T, E = plan.T, plan.E
+    params, outputs = member_dtypes(x, As, Bs, bases)
+    x = _aligned(x)
+    As = [_as(A, p) for A, p in zip(As, params)]
+    Bs = [_as(B, p) for B, p in zip(Bs, params)]
+    kernel_bases = [_as(b, y) for b, y in zip(bases, outputs)] if bases else None
+    stand_in = _stand_in(x, F32)
+    routing = [torch.empty(T, E, dtype=F32, device=x.device) for _ in range(3)] if plan.routed else [stand_in] * 3
+    h = torch.empty(T, plan.M * plan.HR, dtype=x.dtype, device=x.device)
+    sel = torch.empty(T, dtype=torch.int64, device=x.device)
+    ys = [torch.empty(T, d, dtype=y, device=x.device) for d, y in zip(plan.d_outs, outputs)]
+    if T > 0:
+        routing_in = [stand_in if t is None else _as(t, F32) for t in (router_weight, router_bias, router_logits,
+                                                                      task_probs, alpha)]
+        routing_in.append(sel if seed_tensor is None else seed_tensor.reshape(1))
+        for group, group_As in zip(plan.groups, _by_group(plan, As)):
+            run_shrink_route(plan, group, x, group_As, routing_in, [h, *routing, sel])
+        for group, group_Bs, group_bases, group_ys in zip(plan.groups, _by_group(plan, Bs),
+                                                          _by_group(plan, kernel_bases or [None] * plan.M),
+                                                          _by_group(plan, ys)):
+            run_expand(plan, group, h, routing[2], sel, group_Bs, None if kernel_bases is None else group_bases,
+                       group_ys)
+    if bases:  # outputs whose base has neither x's dtype nor fp32 were computed in fp32
+        ys = [y.to(b.dtype) for y, b in zip(ys, bases)]
+    logits = routing[0] if plan.computes_logits else None
+    p_tok = routing[1] if plan.routed and plan.kind != "task" else None
+    gates = routing[2] if plan.routed else None
+    return ys, logits, p_tok, gates, h, sel
 
 
 @routed_group_forward.register_fake
-def _(x, As, Bs, bases, router_weight, router_bias, router_logits, task_probs, alpha, scaling, num_experts, hydra,
-      kind, top_k, renorm, dropout_p, seed):
+def _(x, As, Bs, bases, router_weight, router_bias, router_logits, task_probs, alpha, seed_tensor, scaling,
+      num_experts, hydra, kind, top_k, renorm, dropout_p, seed, precision):
     T, E = x.shape[0], num_experts
-    out_dtype = bases[0].dtype if bases else x.dtype
-    ys = [x.new_empty(T, B.shape[0], dtype=out_dtype) for B in Bs]
-    routing = x.new_empty(T, E, dtype=torch.float32)
+    ys = [x.new_empty(T, B.shape[0], dtype=b.dtype if bases else x.dtype)
+          for B, b in zip(Bs, bases or [None] * len(Bs))]
+    routing = x.new_empty(T, E, dtype=F32)
     logits = routing if kind in ("token", "hybrid") and router_logits is None else _empty(x)
     p_tok = routing if kind in ("token", "hybrid") else _empty(x)
     gates = routing if kind != "none" else _empty(x)
+    sel = x.new_empty(T, dtype=torch.int64) if kind != "none" and top_k > 0 else _empty(x, torch.int64)
     h = x.new_empty(T, len(As) * As[0].shape[0])
-    return ys + [logits.clone(), p_tok.clone(), gates.clone(), h]
+    return ys + [logits.clone(), p_tok.clone(), gates.clone(), h, sel]
 
 
 @dataclass
 class WeightGrads:
-    """fp32 views into one flat buffer (one memset when atomics need zeros):
+    """fp32 views into one flat buffer (one memset when atomics need zeros), each 16-byte aligned:
     dA_m, dB_m, dW_r, d bias, d p_task, d alpha (None where absent)."""
 
     dA: List[Tensor]
@@ -113,16 +175,22 @@ def weight_grad_layout(plan: GroupPlan) -> List[tuple]:
     )
 
 
+def _padded_size(shape) -> int:
+    return -(-torch.Size(shape).numel() // 4) * 4  # 4 fp32: every view starts 16-byte aligned
+
+
 def weight_grad_size(plan: GroupPlan) -> int:
-    return sum(torch.Size(shape).numel() for _, shape in weight_grad_layout(plan) if shape is not None)
+    return sum(_padded_size(shape) for _, shape in weight_grad_layout(plan) if shape is not None)
 
 
 def split_weight_grads(plan: GroupPlan, flat: Tensor) -> WeightGrads:
-    layout = weight_grad_layout(plan)
-    pieces = iter(flat.split([torch.Size(s).numel() for _, s in layout if s is not None]))
     fields = {"dA": [], "dB": []}
-    for name, shape in layout:
-        view = None if shape is None else next(pieces).view(shape)
+    offset = 0
+    for name, shape in weight_grad_layout(plan):
+        view = None
+        if shape is not None:
+            view = flat[offset:offset + torch.Size(shape).numel()].view(shape)
+            offset += _padded_size(shape)
         if name in fields:
             fields[name].append(view)
         else:
@@ -135,62 +203,93 @@ def routed_group_backward(
     dys: List[Tensor], dlogits_in: Optional[Tensor], dp_tok_in: Optional[Tensor], dgates_in: Optional[Tensor],
     x: Tensor, As: List[Tensor], Bs: List[Tensor], router_weight: Optional[Tensor], router_bias: Optional[Tensor],
     router_logits: Optional[Tensor], task_probs: Optional[Tensor], alpha: Optional[Tensor],
-    p_tok: Optional[Tensor], gates: Optional[Tensor], h: Tensor, scaling: float, num_experts: int, hydra: bool,
-    kind: str, top_k: int, renorm: str, dropout_p: float, seed: int, deterministic: bool,
+    seed_tensor: Optional[Tensor], p_tok: Optional[Tensor], gates: Optional[Tensor], h: Tensor,
+    sel: Optional[Tensor], scaling: float, num_experts: int, hydra: bool, kind: str, top_k: int, renorm: str,
+    dropout_p: float, seed: int, precision: str, deterministic: bool,
 ) -> List[Tensor]:
     """[dx, weight gradients as one flat fp32 buffer (see weight_grad_layout), d router_logits or empty]."""
-    plan = make_plan(x, Bs, router_weight, router_bias, router_logits, task_probs, scaling, num_experts, hydra,
-                     kind, top_k, renorm, dropout_p, seed, deterministic)
+    plan = make_plan(x, As, Bs, dys, router_weight, router_bias, router_logits, task_probs, seed_tensor, scaling,
+                     num_experts, hydra, kind, top_k, renorm, dropout_p, seed, precision, deterministic)
     dx, flat, dlogits = run_backward(plan, dys, dlogits_in, dp_tok_in, dgates_in, x, As, Bs, router_weight,
-                                     task_probs, alpha, p_tok, gates, h)
+                                     task_probs, alpha, seed_tensor, p_tok, gates, h, sel)
     return [dx, flat, _or_empty(dlogits if plan.router == ROUTER_LOGITS else None, x)]
 
 
 def run_backward(plan: GroupPlan, dys, dlogits_in, dp_tok_in, dgates_in, x, As, Bs, router_weight, task_probs,
-                 alpha, p_tok, gates, h):
-    """The backward launches: (dx, flat fp32 weight gradients, dlogits or None)."""
-    x, As, Bs, dys = _dense(x), _dense(As), _dense(Bs), _dense(dys)
-    router_weight, task_probs, alpha = _dense([router_weight, task_probs, alpha])
+                 alpha, seed_tensor, p_tok, gates, h, sel):
+    """The backward launches: (dx, flat fp32 weight gradients, dlogits or None). dys are in the kernels' output
+    dtypes (see member_dtypes)."""
+    T, E = plan.T, plan.E
+    params, _ = member_dtypes(x, As, Bs, dys)
     make = torch.empty if plan.deterministic else torch.zeros
-    flat = make(weight_grad_size(plan), dtype=torch.float32, device=x.device)
+    flat = make(weight_grad_size(plan), dtype=F32, device=x.device)
     grads = split_weight_grads(plan, flat)
-    dh_slots, dgates_slots, slot_starts = run_output_grad(plan, dys, Bs, h, gates, grads)
-    dlogits, dtask_tok, dalpha_tok = run_route_grad(plan, dh_slots, dgates_slots, slot_starts, p_tok, task_probs,
-                                                    alpha, *_dense([dgates_in, dp_tok_in, dlogits_in]))
-    dx = run_input_grad(plan, x, As, router_weight if plan.computes_logits else None, dh_slots, dlogits, dtask_tok,
-                        dalpha_tok, grads)
+    dx = torch.empty_like(x)
+    if T == 0:
+        return dx, flat.zero_(), (x.new_zeros(0, E, dtype=F32) if plan.routed else None)
+    x, dys, h = _aligned(x), [_aligned(d) for d in dys], _aligned(h)
+    As = [_as(A, p) for A, p in zip(As, params)]
+    Bs = [_as(B, p) for B, p in zip(Bs, params)]
+    stand_in = _stand_in(x, F32)
+    sel = torch.empty(1, dtype=torch.int64, device=x.device) if sel is None else _aligned(sel)
+    # rank and gate gradients: added into (atomic mode), or dh written whole and dgates added into rows owned
+    rank_width, gate_width = plan.M * plan.HR, E if plan.routed else 0
+    scratch = make(T * rank_width + T * gate_width, dtype=F32, device=x.device)
+    if plan.deterministic and plan.routed:
+        scratch[T * rank_width:].zero_()
+    dh = scratch[:T * rank_width].view(T, rank_width)
+    dgates = scratch[T * rank_width:].view(T, gate_width) if plan.routed else stand_in
+    gates = stand_in if gates is None else _aligned(gates)
+    groups = list(zip(plan.groups, _by_group(plan, dys), _by_group(plan, Bs)))
+    for group, group_dys, group_Bs in groups:
+        run_output_grad(plan, group, group_dys, group_Bs, grads.dB[group.first:group.first + group.count], h,
+                        gates, sel, dh, dgates)
+    if plan.deterministic:
+        for group, group_dys, group_Bs in groups:
+            run_rank_grad(plan, group, group_dys, group_Bs, h, gates, sel, dh, dgates)
+    dlogits = dtask_tok = dalpha_tok = None
+    if plan.routed:
+        dlogits = torch.empty(T, E, dtype=F32, device=x.device) if plan.kind != "task" else None
+        dtask_tok = torch.empty(T, E, dtype=F32, device=x.device) if plan.kind in ("task", "hybrid") else None
+        dalpha_tok = torch.empty(T, dtype=F32, device=x.device) if plan.kind == "hybrid" else None
+        run_route_grad(plan, dgates, None if p_tok is None else _aligned(p_tok),
+                       None if task_probs is None else _as(task_probs, F32), None if alpha is None else _as(alpha, F32),
+                       *[None if t is None else _as(t, F32) for t in (dgates_in, dp_tok_in, dlogits_in)],
+                       [stand_in if t is None else t for t in (dlogits, dtask_tok, dalpha_tok)])
+    items = sum(input_grad_items(plan, group) for group in plan.groups)
+    dx_sum = dx if x.dtype == F32 else torch.empty(T, plan.d_in, dtype=F32, device=x.device) if items > 1 else stand_in
+    weight = _as(router_weight, F32) if plan.computes_logits else stand_in
+    routing_grads = [stand_in if t is None else t for t in (grads.dW, grads.dbias, grads.dtask, grads.dalpha)]
+    seed_ptr = sel if seed_tensor is None else seed_tensor.reshape(1)
+    for group, group_As in zip(plan.groups, _by_group(plan, As)):
+        run_input_grad(plan, group, x, group_As, grads.dA[group.first:group.first + group.count], dh, sel, seed_ptr,
+                       dx, dx_sum, (weight, dlogits, dtask_tok, dalpha_tok), routing_grads)
     return dx, flat, dlogits
-
-
-def _dense(t):
-    """Row-major copies where needed (the kernels index with unit column stride); lists elementwise; None stays."""
-    if isinstance(t, (list, tuple)):
-        return [_dense(u) for u in t]
-    return None if t is None else t.contiguous()
 
 
 @routed_group_backward.register_fake
 def _(dys, dlogits_in, dp_tok_in, dgates_in, x, As, Bs, router_weight, router_bias, router_logits, task_probs,
-      alpha, p_tok, gates, h, scaling, num_experts, hydra, kind, top_k, renorm, dropout_p, seed, deterministic):
-    plan = make_plan(x, Bs, router_weight, router_bias, router_logits, task_probs, scaling, num_experts, hydra,
-                     kind, top_k, renorm, dropout_p, seed, deterministic)
-    d_router_logits = x.new_empty(plan.T, plan.E, dtype=torch.float32) if plan.router == ROUTER_LOGITS else None
-    return [torch.empty_like(x), x.new_empty(weight_grad_size(plan), dtype=torch.float32),
-            _or_empty(d_router_logits, x)]
+      alpha, seed_tensor, p_tok, gates, h, sel, scaling, num_experts, hydra, kind, top_k, renorm, dropout_p, seed,
+      precision, deterministic):
+    plan = make_plan(x, As, Bs, dys, router_weight, router_bias, router_logits, task_probs, seed_tensor, scaling,
+                     num_experts, hydra, kind, top_k, renorm, dropout_p, seed, precision, deterministic)
+    d_router_logits = x.new_empty(plan.T, plan.E, dtype=F32) if plan.router == ROUTER_LOGITS else None
+    return [torch.empty_like(x), x.new_empty(weight_grad_size(plan), dtype=F32), _or_empty(d_router_logits, x)]
 
 
 def _setup_context(ctx, inputs, output):
-    (x, As, Bs, bases, router_weight, router_bias, router_logits, task_probs, alpha, scaling, num_experts, hydra,
-     kind, top_k, renorm, dropout_p, seed) = inputs
+    (x, As, Bs, bases, router_weight, router_bias, router_logits, task_probs, alpha, seed_tensor, scaling,
+     num_experts, hydra, kind, top_k, renorm, dropout_p, seed, precision) = inputs
     M = len(As)
-    logits, p_tok, gates, h = output[M:]
-    ctx.mark_non_differentiable(h)
+    logits, p_tok, gates, h, sel = output[M:]
+    ctx.mark_non_differentiable(h, sel)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, router_weight, router_bias, router_logits, task_probs, alpha, _or_none(p_tok),
-                          _or_none(gates), h, *As, *Bs)
+    ctx.save_for_backward(x, router_weight, router_bias, router_logits, task_probs, alpha, seed_tensor,
+                          _or_none(p_tok), _or_none(gates), h, _or_none(sel), *As, *Bs)
     ctx.meta = dict(scaling=scaling, num_experts=num_experts, hydra=hydra, kind=kind, top_k=top_k, renorm=renorm,
-                    dropout_p=dropout_p, seed=seed)
+                    dropout_p=dropout_p, seed=seed, precision=precision)
     ctx.num_members, ctx.num_bases = M, len(bases)
+    _, ctx.output_dtypes = member_dtypes(x, As, Bs, bases)
     ctx.param_dtypes = dict(x=x.dtype, As=[A.dtype for A in As], Bs=[B.dtype for B in Bs],
                             **{k: None if t is None else t.dtype for k, t in
                                dict(router_weight=router_weight, router_bias=router_bias,
@@ -200,19 +299,21 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grads):
     M = ctx.num_members
-    x, router_weight, router_bias, router_logits, task_probs, alpha, p_tok, gates, h, *params = ctx.saved_tensors
+    (x, router_weight, router_bias, router_logits, task_probs, alpha, seed_tensor, p_tok, gates, h, sel,
+     *params) = ctx.saved_tensors
     As, Bs = params[:M], params[M:]
-    dys = [torch.zeros(x.shape[0], B.shape[0], dtype=h.dtype, device=x.device) if g is None else g
-           for g, B in zip(grads[:M], Bs)]
+    dys = [torch.zeros(x.shape[0], B.shape[0], dtype=dt, device=x.device) if g is None else g.to(dt)
+           for g, B, dt in zip(grads[:M], Bs, ctx.output_dtypes)]
     dlogits_in, dp_tok_in, dgates_in = (None if g is None or g.numel() == 0 else g for g in grads[M:M + 3])
     out = routed_group_backward(
         dys, dlogits_in, dp_tok_in, dgates_in, x, list(As), list(Bs), router_weight, router_bias, router_logits,
-        task_probs, alpha, p_tok, gates, h, deterministic=torch.are_deterministic_algorithms_enabled(), **ctx.meta,
+        task_probs, alpha, seed_tensor, p_tok, gates, h, sel,
+        deterministic=torch.are_deterministic_algorithms_enabled(), **ctx.meta,
     )
     dtypes = ctx.param_dtypes
     dx, flat, dlogits = out[0], out[1], _or_none(out[2])
-    weight_grads = split_weight_grads(make_plan(x, Bs, router_weight, router_bias, router_logits, task_probs,
-                                                deterministic=True, **ctx.meta), flat)
+    weight_grads = split_weight_grads(make_plan(x, As, Bs, dys, router_weight, router_bias, router_logits, task_probs,
+                                                seed_tensor, deterministic=True, **ctx.meta), flat)
     dAs = [g.to(dt) for g, dt in zip(weight_grads.dA, dtypes["As"])]
     dBs = [g.to(dt) for g, dt in zip(weight_grads.dB, dtypes["Bs"])]
     dW, dbias, dtask, dalpha = weight_grads.dW, weight_grads.dbias, weight_grads.dtask, weight_grads.dalpha
@@ -222,7 +323,7 @@ def _backward(ctx, grads):
         dalpha = dalpha.view(ctx.alpha_shape)
     return (dx, dAs, dBs, d_bases, cast(dW, "router_weight"), cast(dbias, "router_bias"),
             cast(dlogits, "router_logits"), cast(dtask, "task_probs"), cast(dalpha, "alpha"),
-            None, None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None, None, None)
 
 
 routed_group_forward.register_autograd(_backward, setup_context=_setup_context)

@@ -3,7 +3,9 @@ ahead-of-time compile check can record the exact arguments of each launch instea
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, List
+from typing import Callable, List, Sequence
+
+from .plan import LAUNCH_MEMBERS
 
 _observers: List[Callable] = []
 
@@ -17,12 +19,26 @@ def launch(kernel, grid, args: dict, constexprs: dict, num_warps: int) -> None:
         kernel[grid](**args, **constexprs, num_warps=num_warps)
 
 
+def member_tuple(values: Sequence, length: int = LAUNCH_MEMBERS) -> tuple:
+    """A kernel's member tuple of pointers: the launch group's tensors, padded with the first (never read: the
+    kernels index members below the group's count)."""
+    values = tuple(values)
+    return values + (values[0],) * (length - len(values))
+
+
+def member_sizes(values: Sequence[int], length: int = LAUNCH_MEMBERS) -> tuple:
+    """A kernel's member tuple of sizes, as floats (exact below 2^24): Triton specialises integers inside tuples on
+    their values (1 becomes a constant, multiples of 16 get a divisibility hint), which would make the compiled
+    kernel depend on the shapes; floats it passes as they are. The kernels convert back with `member_int`."""
+    if max(values) >= 2 ** 24:
+        raise ValueError(f"triton backend: a member size {max(values)} does not fit the kernels' 2^24 limit")
+    return tuple(float(v) for v in member_tuple(values, length))
+
+
 @contextlib.contextmanager
 def observe_launches(record_only: bool = False):
-    """Yields a list that collects (kernel name, grid, args, constexprs, num_warps) of every launch in the block.
-
-    record_only=True skips the launches (used with meta tensors to collect compile signatures).
-    """
+    """Yields a list that collects (kernel name, kernel, grid, args, constexprs, num_warps) of every launch in the
+    block. record_only=True skips the launches (used with meta tensors to collect compile signatures)."""
     seen = []
 
     def observer(kernel, grid, args, constexprs, num_warps):

@@ -1,20 +1,27 @@
-"""Triton device functions shared by the kernels: dropout masks, routing in registers, gate-scaled rank tiles."""
+"""Triton device functions shared by the kernels: token blocks, member pointers, dropout masks, dot precision,
+expert selection masks and the chunks of the gate-scaled operand."""
+import inspect
+
 import triton
 import triton.language as tl
 
-from .plan import KIND_CODES, ROUTER_LOGITS as _ROUTER_LOGITS, ROUTER_WEIGHT as _ROUTER_WEIGHT
+from .plan import LAUNCH_MEMBERS as _LAUNCH_MEMBERS
 
-KIND_TOKEN = tl.constexpr(KIND_CODES["token"])
-KIND_TASK = tl.constexpr(KIND_CODES["task"])
-KIND_HYBRID = tl.constexpr(KIND_CODES["hybrid"])
-KIND_NONE = tl.constexpr(KIND_CODES["none"])
-ROUTER_WEIGHT = tl.constexpr(_ROUTER_WEIGHT)
-ROUTER_LOGITS = tl.constexpr(_ROUTER_LOGITS)
+LAUNCH_MEMBERS = tl.constexpr(_LAUNCH_MEMBERS)
 # Precision of the dots that carry gates or routing values: 3xTF32 keeps fp32 accuracy on tensor cores.
 # (Plain TF32 would round gates to 10 bits; "ieee" FMA dots replicate an operand per warp and spill.)
-# The other dots (x A^T, dY B, ...) use the default: TF32 on fp32 tiles, exact for bf16 / fp16 inputs.
-# The interpreter computes every dot in full fp32.
+# The other dots go through `dot` at the precision the plan picked (see plan.dot_precision).
 FP32_DOT = tl.constexpr("tf32x3")
+
+
+def fused_jit(fn):
+    """triton.jit without value specialisation: no integer argument is specialised on its value (divisibility by
+    16) and no pointer on its alignment, so one compiled kernel serves every shape, and the kernel the compile check
+    builds for a configuration is the one the GPU runs. (Tuple elements are still specialised on alignment: the
+    launchers pass only 16-byte-aligned tensors in tuples.)"""
+    params = [name for name, p in inspect.signature(fn).parameters.items()
+              if "constexpr" not in str(p.annotation)]
+    return triton.jit(fn, do_not_specialize=params, do_not_specialize_on_alignment=params)
 
 
 @triton.jit
@@ -38,116 +45,163 @@ def token_split(T, tokens_per_split):
 
 
 @triton.jit
-def accumulate(ptrs, value, mask, ATOMIC: tl.constexpr):
+def member_value(values, m):
+    """values[m] for a run-time m < LAUNCH_MEMBERS, from a tuple of pointers or integers."""
+    value = values[0]
+    for i in tl.static_range(1, LAUNCH_MEMBERS):
+        value = tl.where(m == i, values[i], value)
+    return value
+
+
+@triton.jit
+def member_int(sizes, m):
+    """sizes[m] for a run-time m, from a tuple of member sizes passed as floats (see launch.member_sizes)."""
+    return member_value(sizes, m).to(tl.int32)
+
+
+@triton.jit
+def member_of_block(block_starts, pid):
+    """The member owning column block `pid`: member m owns [block_starts[m], block_starts[m + 1])."""
+    m = 0
+    for i in tl.static_range(1, LAUNCH_MEMBERS):
+        m += (pid >= block_starts[i]).to(tl.int32)  # an int against an exact float
+    return m
+
+
+@triton.jit
+def accumulate(ptrs, value, mask, atomic):
     """Add into zeroed memory shared with other programs (fp32 atomics), or store what this program owns alone."""
-    if ATOMIC:
+    if atomic:
         tl.atomic_add(ptrs, value, mask=mask)
     else:
         tl.store(ptrs, value, mask=mask)
 
 
 @triton.jit
-def member_accumulators(M: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
-    """One fp32 (ROWS, COLS) zero accumulator per member, as a tuple indexed by the static member loop."""
+def slot_accumulators(MG: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """One fp32 (ROWS, COLS) zero accumulator per member slot, as a tuple indexed by the static slot loop."""
     accs = ()
-    for m in tl.static_range(M):
+    for s in tl.static_range(MG):
         accs = accs + (tl.zeros((ROWS, COLS), tl.float32),)
     return accs
 
 
 @triton.jit
-def dropout_scale(offsets, seed, stream: tl.constexpr, dropout_p, DROPOUT: tl.constexpr):
+def philox_seed(seed, seed_ptr, seed_in_memory):
+    """The seed's low 32 bits as an int64: from the 1-element int64 tensor when seed_in_memory (no host sync to
+    read it), else from the int argument (the low word passed as a signed int32)."""
+    value = seed.to(tl.int64)
+    if seed_in_memory:
+        value = tl.load(seed_ptr).to(tl.int64)
+    return value & 0xFFFFFFFF
+
+
+@triton.jit
+def dropout_scale(offsets, seed, stream, dropout_p):
     """keep / (1 - p) per element: kept iff tl.rand(seed + (stream << 32), t * d_in + j) >= p
-    (the stream layout of hmora_kernels.dropout)."""
-    if DROPOUT:
-        key = seed.to(tl.int64) + stream * 4294967296
-        keep = tl.rand(key, offsets) >= dropout_p
-        return tl.where(keep, 1.0 / (1.0 - dropout_p), 0.0)
+    (the stream layout of hmora_kernels.dropout); ones when p = 0."""
+    if dropout_p > 0.0:
+        keep = tl.rand(seed + (seed * 0 + stream) * 4294967296, offsets) >= dropout_p  # stream: int or int32
+        scale = tl.where(keep, 1.0 / (1.0 - dropout_p), 0.0)
     else:
-        return 1.0
+        scale = tl.full(offsets.shape, 1.0, tl.float32)
+    return scale
 
 
 @triton.jit
-def softmax_rows(z, valid):
-    """Row softmax over the valid columns (others 0), in fp32."""
-    z = tl.where(valid, z, float("-inf"))
-    e = tl.where(valid, tl.exp(z - tl.max(z, axis=1)[:, None]), 0.0)
-    return e / tl.sum(e, axis=1)[:, None]
+def tf32(x):
+    """x (fp32) rounded to TF32 (10 fraction bits), to nearest with ties away from zero: PTX cvt.rna.tf32.f32, the
+    conversion cuBLAS applies before its TF32 tensor-core MMAs. (A tensor core given raw fp32 registers, which is
+    what Triton's "tf32" dot passes it, ignores the low 13 bits: truncation.) NaN stays NaN."""
+    bits = x.to(tl.int32, bitcast=True)
+    rounded = ((bits + 0x1000) & -8192).to(tl.float32, bitcast=True)
+    return tl.where(x == x, rounded, x)
 
 
 @triton.jit
-def mix_probs(p_tok, rows, cols, valid, E, seq_len, task_ptr, alpha_ptr, KIND: tl.constexpr):
-    """(p_task, a, p): p = p_tok (token), p_task of the token's sequence (task), or (1 - a) p_tok + a p_task."""
-    p_task = tl.zeros_like(p_tok)
-    a = 0.0
-    p = p_tok
-    if KIND != KIND_TOKEN:
-        seq = (rows // seq_len).to(tl.int64)
-        p_task = tl.load(task_ptr + seq[:, None] * E + cols[None, :], mask=valid, other=0.0).to(tl.float32)
-        if KIND == KIND_TASK:
-            p = p_task
-        else:
-            a = tl.sigmoid(tl.load(alpha_ptr).to(tl.float32))
-            p = (1.0 - a) * p_tok + a * p_task
-    # past the last token or expert any positive p will do (nothing there is stored): no 0/0 in the renorm
-    return p_task, a, tl.where(valid, p, 1.0)
+def dot_operand(x, DOT: tl.constexpr):
+    """An fp32 tile made ready for a dot at the plan's precision: rounded to TF32 here for "tf32" (so the interpreter
+    computes what the GPU does, and a tile used twice is rounded once), unchanged for "ieee" (full fp32)."""
+    if DOT == "tf32":
+        x = tf32(x)
+    return x
 
 
 @triton.jit
-def gates_from_probs(p, cols, valid, top_k, TOP_K: tl.constexpr, RENORM_SOFTMAX: tl.constexpr):
-    """(selected, gates): soft routing keeps p; top-k renormalises the k largest (lowest index wins ties)
-    by a softmax over the selected probabilities or by their sum."""
-    if TOP_K:
-        selected = p < -1.0
-        for _ in range(top_k):
-            cand = tl.where(valid & ~selected, p, -1.0)
-            best = tl.max(cand, axis=1)
-            first = tl.min(tl.where(cand == best[:, None], cols[None, :], 1 << 30), axis=1)
-            selected = selected | (cols[None, :] == first[:, None])
-        selected = selected & valid
-        if RENORM_SOFTMAX:
-            gates = softmax_rows(p, selected)
-        else:
-            kept = tl.where(selected, p, 0.0)
-            gates = kept / tl.sum(kept, axis=1)[:, None]
+def dot(a, b, DOT: tl.constexpr):
+    """a @ b of two dot_operand tiles at the plan's precision."""
+    return tl.dot(a, b, input_precision=DOT)
+
+
+@triton.jit
+def _bitwise_or(a, b):
+    return a | b
+
+
+@triton.jit
+def selection_bits(sel_ptr, rows64, row_ok, selective):
+    """(per token, union over the block): bit e set when expert e is selected; every bit for soft routing."""
+    if selective:
+        bits = tl.load(sel_ptr + rows64, mask=row_ok, other=0)
     else:
-        selected = valid
-        gates = tl.where(valid, p, 0.0)
-    return selected, gates
+        bits = tl.full(rows64.shape, -1, tl.int64)
+    return bits, tl.reduce(tl.where(row_ok, bits, 0), 0, _bitwise_or)
 
 
 @triton.jit
-def rank_and_gates(h_ptr, gates_ptr, rows64, row_ok, h_stride, h_col0, E, RANK: tl.constexpr,
-                   E_SLOTS: tl.constexpr, R_SLOTS: tl.constexpr, HYDRA: tl.constexpr, GATED: tl.constexpr):
-    """(h3, g) of a block of tokens, each address loaded once: h3 (BM, E_SLOTS or 1, R_SLOTS) holds h[t, e*r + j]
-    (Hydra: the one h[t, j] of all experts, broadcast later), g (BM, E_SLOTS) the gates (ones when not gated)."""
-    e = tl.arange(0, E_SLOTS)
-    j = tl.arange(0, R_SLOTS)
+def expert_bits(bits, experts):
+    """(rows, experts) booleans: expert experts[j] is selected by token i."""
+    return ((bits[:, None] >> experts.to(tl.int64)[None, :]) & 1) != 0
+
+
+@triton.jit
+def any_expert_selected(union, first_expert, EC: tl.constexpr):
+    """Whether any token of the block selected one of the experts first_expert .. first_expert + EC - 1 (EC < 64)."""
+    return ((union >> first_expert.to(tl.int64)) & ((1 << EC) - 1)) != 0
+
+
+@triton.jit
+def chunk_experts_ranks(chunk, rank_blocks, E, r, EC: tl.constexpr, RCH: tl.constexpr):
+    """(first expert, experts (EC,), ranks (RCH,), their validity) of chunk `chunk` of the gate-scaled operand:
+    expert block chunk // rank_blocks, rank block chunk % rank_blocks."""
+    e0 = (chunk // rank_blocks) * EC
+    e = e0 + tl.arange(0, EC)
+    j = (chunk % rank_blocks) * RCH + tl.arange(0, RCH)
+    return e0, e, j, e < E, j < r
+
+
+@triton.jit
+def chunk_rank_and_gates(h_ptr, gates_ptr, bits, rows64, row_ok, h_stride, h_col0, e, j, e_ok, j_ok, r, E,
+                         gated, selective, HYDRA: tl.constexpr):
+    """(h3, g) of a block of tokens for one chunk, each address loaded once: h3 (BM, EC or 1, RCH) holds
+    h[t, e*r + j] (Hydra: h[t, j], the same for every expert), g (BM, EC) the gates (1 when not gated). Under top-k
+    the per-expert blocks of unselected experts are not loaded (their gate is 0 and nothing needs them)."""
     if HYDRA:
         h3 = tl.load(h_ptr + rows64[:, None] * h_stride + h_col0 + j[None, :],
-                     mask=row_ok[:, None] & (j < RANK)[None, :], other=0.0).to(tl.float32)[:, None, :]
+                     mask=row_ok[:, None] & j_ok[None, :], other=0.0).to(tl.float32)[:, None, :]
     else:
-        cols = e[:, None] * RANK + j[None, :]
-        ok = (e < E)[:, None] & (j < RANK)[None, :]
+        ok = row_ok[:, None] & e_ok[None, :]
+        if selective:
+            ok = ok & expert_bits(bits, e)
+        cols = e[:, None] * r + j[None, :]
         h3 = tl.load(h_ptr + rows64[:, None, None] * h_stride + h_col0 + cols[None, :, :],
-                     mask=row_ok[:, None, None] & ok[None, :, :], other=0.0).to(tl.float32)
-    if GATED:
-        g = tl.load(gates_ptr + rows64[:, None] * E + e[None, :], mask=row_ok[:, None] & (e < E)[None, :], other=0.0)
+                     mask=ok[:, :, None] & j_ok[None, None, :], other=0.0).to(tl.float32)
+    if gated:
+        g = tl.load(gates_ptr + rows64[:, None] * E + e[None, :], mask=row_ok[:, None] & e_ok[None, :], other=0.0)
     else:
-        g = tl.full((rows64.shape[0], E_SLOTS), 1.0, tl.float32)
+        g = tl.where(row_ok[:, None] & e_ok[None, :], 1.0, 0.0)
     return h3, g
 
 
 @triton.jit
-def gated_operand(h3, g, E_SLOTS: tl.constexpr, R_SLOTS: tl.constexpr):
-    """(BM, E_SLOTS * R_SLOTS) operand of the expand GEMM: column e * R_SLOTS + j holds g[t, e] * h[t, e, j]."""
-    return tl.reshape(g[:, :, None] * h3, (g.shape[0], E_SLOTS * R_SLOTS))
+def gated_operand(h3, g, EC: tl.constexpr, RCH: tl.constexpr):
+    """(BM, EC * RCH) chunk of the expand GEMM's operand: column e * RCH + j holds g[t, e] * h[t, e, j]."""
+    return tl.reshape(g[:, :, None] * h3, (g.shape[0], EC * RCH))
 
 
 @triton.jit
-def b_columns(E, RANK: tl.constexpr, E_SLOTS: tl.constexpr, R_SLOTS: tl.constexpr):
-    """(column of B, valid) for each column e * R_SLOTS + j of the gate-scaled operand: B's column e * r + j."""
-    c = tl.arange(0, E_SLOTS * R_SLOTS)
-    e = c // R_SLOTS
-    j = c % R_SLOTS
-    return e * RANK + j, (e < E) & (j < RANK)
+def b_chunk_columns(e, j, e_ok, j_ok, r, EC: tl.constexpr, RCH: tl.constexpr):
+    """(column of B, valid) for each column e * RCH + j of a chunk of the gate-scaled operand: B's column e * r + j."""
+    cols = tl.reshape(e[:, None] * r + j[None, :], (EC * RCH,))
+    ok = tl.reshape(e_ok[:, None] & j_ok[None, :], (EC * RCH,))
+    return cols, ok

@@ -1,9 +1,11 @@
-"""Ahead-of-time compile report of the Triton kernels: registers, shared memory and spills per kernel and config.
+"""Ahead-of-time compile report of the Triton kernels: registers, shared memory and spills per kernel configuration.
 
-Compiles every kernel of `hmora_kernels.triton_backend` in every configuration the dispatcher can choose
-(see `hmora_kernels.triton_backend.aot.SCENARIOS`) to cubin for sm_80 and sm_90, without a GPU, and reads the
-figures with cuobjdump. Run: `python -m benchmarks.compile_report` (table) or `--json` (rows for tests).
-TRITON_INTERPRET must not be set in this process; the script refuses to run if it is.
+Compiles kernels of `hmora_kernels.triton_backend` to cubin for sm_80 and sm_90, without a GPU, exactly as Triton's
+JIT would compile them, and reads the figures with cuobjdump. The configurations come from the planner
+(`hmora_kernels.triton_backend.aot`): by default one per tier (kernel, block sizes, dot precision, warps), the one
+with the most register demand, which is what CI runs; `--all` compiles every configuration and dtype signature the
+planner can choose inside the kernels' limits (about 1,100 compiles: an hour or more on 2 cores).
+Run: `python -m benchmarks.compile_report [--all] [--json]`. TRITON_INTERPRET must not be set in this process.
 """
 from __future__ import annotations
 
@@ -11,36 +13,61 @@ import argparse
 import json
 import os
 import sys
+from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
+
+
+def _compile(job_and_arch):
+    from hmora_kernels.triton_backend.aot import run_job, violations
+
+    job, arch = job_and_arch
+    row = run_job(job, arch)
+    row["violation"] = violations(row)
+    return row
+
+
+def summary(rows) -> str:
+    """Per target: configurations compiled, the most registers per thread, and how many spill or break a limit."""
+    per_arch = defaultdict(list)
+    for row in rows:
+        per_arch[row["arch"]].append(row)
+    lines = []
+    for arch, arch_rows in sorted(per_arch.items()):
+        top = max(arch_rows, key=lambda r: r["reg"])
+        spills = sum(1 for r in arch_rows if r["local"] or r["stack"])
+        bad = sum(1 for r in arch_rows if r["violation"])
+        lines.append(f"{arch}: {len(arch_rows)} configurations, max {top['reg']} registers ({top['kernel']}, "
+                     f"{top['config']}), {spills} spilling, {bad} over a hardware limit or spilling")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--all", action="store_true", help="every configuration the planner can choose (slow)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("compile_report: unset TRITON_INTERPRET (kernels must be decorated for compilation)", file=sys.stderr)
         return 2
-    from hmora_kernels.triton_backend.aot import compile_jobs, run_job, violations
+    from hmora_kernels.triton_backend.aot import ARCHS, all_jobs, tier_jobs
 
-    jobs = compile_jobs()
+    jobs = all_jobs()
+    if not args.all:
+        jobs = tier_jobs(jobs)
+    work = [(job, arch) for job in jobs for arch in ARCHS]
     with ProcessPoolExecutor(max_workers=max(1, args.workers)) as pool:
-        rows = list(pool.map(run_job, jobs))
-    for row in rows:
-        row["violation"] = violations(row)
+        rows = list(pool.map(_compile, work, chunksize=4))
     if args.json:
         print(json.dumps(rows))
     else:
-        print(f"{'kernel':20s} {'arch':6s} {'warps':>5s} {'tiles':18s} {'REG':>4s} {'SHARED':>7s} {'SPILL':>5s}  "
-              f"scenario")
+        print(f"{'kernel':20s} {'arch':6s} {'warps':>5s} {'REG':>4s} {'SHARED':>7s} {'SPILL':>5s}  constexprs / group")
         for row in rows:
-            tiles = "x".join(f"{k}{v}" for k, v in row["tiles"].items())
             flag = f"  !! {row['violation']}" if row["violation"] else ""
-            print(f"{row['kernel']:20s} {row['arch']:6s} {row['num_warps']:5d} {tiles:18s} {row['reg']:4d} "
-                  f"{row['shared']:7d} {row['local'] + row['stack']:5d}  {row['scenario']}{flag}")
-        bad = sum(1 for row in rows if row["violation"])
-        print(f"{len(rows)} compiled kernels, {bad} over a hardware limit or spilling")
+            consts = " ".join(f"{k}={v}" for k, v in sorted(row["constexprs"].items()))
+            print(f"{row['kernel']:20s} {row['arch']:6s} {row['num_warps']:5d} {row['reg']:4d} {row['shared']:7d} "
+                  f"{row['local'] + row['stack']:5d}  {consts} / {row['config']}{flag}")
+        print(summary(rows))
     return 1 if any(row["violation"] for row in rows) else 0
 
 

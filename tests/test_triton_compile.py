@@ -1,6 +1,7 @@
-"""Ahead-of-time compile check (no GPU here): every Triton kernel, in every configuration the dispatcher can
-choose, compiles to cubin for sm_80 and sm_90, without register spills and within the hardware's register and
-shared-memory limits. Runs `python -m benchmarks.compile_report --json` in a subprocess without
+"""Ahead-of-time compile check (no GPU here): every tier of kernel configuration the planner can choose compiles to
+cubin for sm_80 and sm_90, exactly as Triton's JIT would compile it, without register spills and within the
+hardware's register and shared-memory limits. `python -m benchmarks.compile_report --all` compiles every
+configuration and dtype signature (an hour or more: outside CI). The compile steps run in subprocesses without
 TRITON_INTERPRET (the conftest sets it for this process, and interpreted kernels cannot be compiled)."""
 import json
 import os
@@ -8,22 +9,70 @@ import subprocess
 import sys
 from pathlib import Path
 
-KERNELS = {"shrink_route_kernel", "expand_kernel", "output_grad_kernel", "route_grad_kernel", "input_grad_kernel"}
+import pytest
+
+from hmora_kernels.triton_backend.plan import MAX_EXPERTS, MAX_RANK, MAX_RANK_WIDTH, check_limits, configuration_space
+
+KERNELS = {"shrink_route_kernel", "expand_kernel", "output_grad_kernel", "route_grad_kernel", "input_grad_kernel",
+           "rank_grad_kernel"}
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_every_kernel_compiles_for_sm80_and_sm90_without_spills():
+def without_interpreter(*args, timeout):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[1]
-    done = subprocess.run([sys.executable, "-m", "benchmarks.compile_report", "--json"], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=900)
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def planner_space():
+    """(tiers, (E, r) pairs) of everything the planner can choose inside the limits."""
+    tiers, pairs = set(), set()
+    for config, shape, _, _ in configuration_space():
+        tiers.add(repr(config.tier))
+        pairs.add((shape.E, shape.r))
+    return tiers, pairs
+
+
+def test_every_tier_compiles_for_sm80_and_sm90_without_spills(planner_space):
+    done = without_interpreter("-m", "benchmarks.compile_report", "--json", timeout=1200)
     assert done.returncode in (0, 1), f"compile report crashed:\n{done.stderr[-4000:]}"
     rows = json.loads(done.stdout)
     assert {row["kernel"] for row in rows} == KERNELS
-    assert {row["arch"] for row in rows} == {"sm_80", "sm_90"}
+    tiers, _ = planner_space
+    for arch in ("sm_80", "sm_90"):
+        compiled = {row["tier"] for row in rows if row["arch"] == arch}
+        assert compiled == tiers, f"{arch}: tiers the planner can choose but CI does not compile: {tiers - compiled}"
     for row in rows:
-        what = f"{row['kernel']} {row['arch']} ({row['scenario']})"
+        what = f"{row['kernel']} {row['arch']} ({row['config']})"
         assert row["local"] == 0 and row["stack"] == 0, f"{what} spills: LOCAL {row['local']} STACK {row['stack']}"
         assert 0 < row["reg"] <= row["limits"]["reg"], f"{what}: {row['reg']} registers per thread"
         assert row["reg"] * 32 * row["num_warps"] <= row["limits"]["reg_file"], f"{what}: register file exceeded"
         assert row["shared"] <= row["limits"]["shared"], f"{what}: {row['shared']} B shared memory"
     assert done.returncode == 0
+
+
+def test_sampled_groups_launch_only_configurations_the_check_compiles():
+    """The compile check's jobs come from the planner's enumeration. Groups drawn wider than its representatives
+    (up to 12 members in two launch groups, members and bases of mixed dtypes, every routing kind, router logits
+    given, any top-k, both modes and precisions) are recorded through the real launch code; every launch must be a
+    compiled kernel of the enumeration (the JIT's specialisation key), or the check misses what the GPU would run."""
+    code = ("import json; from hmora_kernels.triton_backend.aot import sampled_groups, uncovered_launches; "
+            "print(json.dumps(uncovered_launches(sampled_groups(30, seed=1))))")
+    done = without_interpreter("-c", code, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+
+
+def test_the_kernels_accept_exactly_the_enumerated_space(planner_space):
+    """check_limits lets through exactly the (E, r) the compile check enumerates, and names the limit otherwise."""
+    _, pairs = planner_space
+    for E in range(1, MAX_EXPERTS + 3):
+        for r in range(1, MAX_RANK + 3):
+            try:
+                check_limits(E, r)
+                accepted = True
+            except ValueError as err:
+                accepted = False
+                assert "limit" in str(err) and "backend='torch'" in str(err)
+            assert accepted == ((E, r) in pairs), f"E={E} r={r}: check_limits and the compile check disagree"
+    assert (MAX_EXPERTS, MAX_RANK_WIDTH // MAX_EXPERTS) in pairs and (MAX_RANK_WIDTH // MAX_RANK, MAX_RANK) in pairs

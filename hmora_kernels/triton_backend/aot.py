@@ -1,12 +1,18 @@
-"""Ahead-of-time compile check: every kernel, in every configuration the dispatcher can choose, compiled to
-cubin for real GPU targets on a machine without a GPU, with its register / shared-memory / spill figures.
+"""Ahead-of-time compile check: every kernel configuration the planner can choose, compiled to cubin for real GPU
+targets on a machine without a GPU, exactly as Triton's JIT would compile it, with its register / shared-memory /
+spill figures.
 
-The launches are not described by hand: the real forward and backward run on meta tensors while
-`observe_launches(record_only=True)` records each launch's arguments, which become the ASTSource signature.
+Nothing here is a hand list. `plan.configuration_space()` walks the accepted space (every E and r inside the
+limits, Hydra or not, 1..LAUNCH_MEMBERS members per launch, both dot precisions, deterministic or not, routed group
+or plain LoRA) and yields each kernel's configuration; every distinct configuration meets every dtype signature the
+planner admits (`DTYPES`). The arguments come from recording the real forward and backward of a representative
+group on meta tensors (`observe_launches(record_only=True)`), and the signature, constexprs and alignment
+attributes from Triton's own argument binder, so the compiled kernel is the one the launch code would run.
 Must run in a process where TRITON_INTERPRET is unset (else the kernels are interpreter objects).
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 import subprocess
@@ -16,94 +22,202 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .autograd import make_plan, run_backward, run_forward
+from .autograd import make_plan, member_dtypes, run_backward, run_forward
 from .launch import observe_launches
-from .plan import MAX_EXPERTS, MAX_MEMBERS, MAX_RANK_WIDTH
+from .plan import KERNEL_DTYPES, KernelConfig, Shape, configuration_space
 
 # Hardware limits per target: registers per thread, registers per SM, shared memory per block (bytes).
 LIMITS = {80: dict(reg=255, reg_file=65536, shared=163 * 1024), 90: dict(reg=255, reg_file=65536, shared=227 * 1024)}
 ARCHS = (80, 90)
+F32 = torch.float32
 
-_TYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64",
-               torch.int32: "i32"}
+
+def dtype_signatures(precision: str) -> List[Tuple[torch.dtype, torch.dtype, torch.dtype]]:
+    """(x, parameters, outputs) dtypes the planner admits at a dot precision: parameters and outputs in x's dtype or
+    fp32 (plan.param_dtype / plan.output_dtype); "ieee" only with fp32 activations (plan.dot_precision)."""
+    xs = (F32,) if precision == "ieee" else KERNEL_DTYPES
+    return [(x, p, y) for x in xs for p in sorted({x, F32}, key=str) for y in sorted({x, F32}, key=str)]
 
 
 @dataclass(frozen=True)
-class Scenario:
-    """One group configuration; together the scenarios reach every block tier and every kernel specialisation."""
+class GroupSpec:
+    """A routed group (or plain LoRA) to record the launches of: shapes, dtypes, routing and mode."""
 
-    why: str
-    d_outs: Tuple[int, ...]
     E: int
     r: int
-    hydra: bool = False
+    hydra: bool
+    x: torch.dtype
+    params: Tuple[torch.dtype, ...]          # per member (A and B)
+    bases: Optional[Tuple[torch.dtype, ...]]  # per member, or None: no bases
     kind: str = "hybrid"
     top_k: int = 2
-    renorm: str = "softmax"
-    dropout_p: float = 0.1
-    dtype: torch.dtype = torch.bfloat16
-    param_dtype: torch.dtype = torch.float32
-    logits_in: bool = False
+    logits_in: bool = False                   # router logits given (a deeper router) instead of a router weight
     deterministic: bool = False
+    precision: str = "tf32"
+    T: int = 64
+    d_in: int = 64
+
+    def __str__(self) -> str:
+        def names(dtypes):
+            return "/".join(str(d).replace("torch.", "") for d in dtypes)
+
+        return (f"E={self.E} r={self.r} {'Hydra' if self.hydra else 'per-expert A'} members={len(self.params)} "
+                f"{self.kind} top_k={self.top_k}{' logits in' if self.logits_in else ''} {self.precision}"
+                f"{' deterministic' if self.deterministic else ''} x={names([self.x])} params={names(self.params)} "
+                f"bases={names(self.bases) if self.bases else None}")
 
 
-SCENARIOS = [
-    Scenario("paper q/k/v: Hydra E=8 r=8, hybrid top-2, dropout (narrow tier)", (1536, 256, 256), 8, 8, hydra=True),
-    Scenario("narrow tier, most experts: E = 16 (the limit), r = 1, 4 members", (256,) * MAX_MEMBERS, MAX_EXPERTS,
-             1, hydra=True),
-    Scenario("wide tier at its limit: 2 members x E*r = 128", (256, 256), 16, MAX_RANK_WIDTH // 16),
-    Scenario("fp16 activations, fp16 parameters, sum renorm", (1536, 256, 256), 8, 8, hydra=True, renorm="sum",
-             dtype=torch.float16, param_dtype=torch.float16),
-    Scenario("narrow tier at its edge (2 members x E*r = 64), fp32, token-only soft routing, no dropout",
-             (512, 512), 8, 8, kind="token", top_k=0, dropout_p=0.0, dtype=torch.float32),
-    Scenario("task-only layer", (512,), 8, 8, hydra=True, kind="task"),
-    Scenario("router logits from a deeper router, deterministic", (512,), 8, 8, logits_in=True, kind="token",
-             deterministic=True),
-    Scenario("plain LoRA (o_proj / down_proj): one member, no router", (1536,), 1, 8, kind="none", top_k=0),
-]
+def representative(shape: Shape, deterministic: bool, routed: bool, dtypes) -> GroupSpec:
+    """One group whose launches include the configurations of `shape` (dtypes: x, parameters, outputs)."""
+    x, param, out = dtypes
+    return GroupSpec(shape.E, shape.r, shape.hydra, x, (param,) * shape.members, (out,) * shape.members,
+                     "hybrid" if routed else "none", min(2, shape.E) if routed else 0, False, deterministic,
+                     shape.precision)
 
 
 def _meta(*shape, dtype):
     return torch.empty(*shape, dtype=dtype, device="meta")
 
 
-def recorded_launches(s: Scenario, T: int = 4096, d_in: int = 1536):
-    """(kernel name, kernel, args, constexprs, num_warps) of the forward and backward launches of one scenario."""
-    M = len(s.d_outs)
-    rows_A = s.r if s.hydra else s.E * s.r
-    routed = s.kind != "none"
-    x = _meta(T, d_in, dtype=s.dtype)
-    As = [_meta(rows_A, d_in, dtype=s.param_dtype) for _ in range(M)]
-    Bs = [_meta(d, s.E * s.r, dtype=s.param_dtype) for d in s.d_outs]
-    bases = [_meta(T, d, dtype=s.dtype) for d in s.d_outs]
-    router = routed and s.kind != "task" and not s.logits_in
-    weight = _meta(s.E, d_in, dtype=torch.float32) if router else None
-    bias = _meta(s.E, dtype=torch.float32) if router else None
-    logits_in = _meta(T, s.E, dtype=torch.float32) if s.logits_in else None
-    task = _meta(8, s.E, dtype=torch.float32) if s.kind in ("task", "hybrid") else None
-    alpha = _meta(1, dtype=torch.float32) if s.kind == "hybrid" else None
-    plan = make_plan(x, Bs, weight, bias, logits_in, task, 2.0, s.E, s.hydra, s.kind, s.top_k, s.renorm,
-                     s.dropout_p, 1234, s.deterministic)
+@functools.lru_cache(maxsize=None)
+def recorded_launches(spec: GroupSpec):
+    """(kernel name, kernel, args, constexprs, num_warps) of the forward and backward launches of `spec`, recorded
+    from the real launch code on meta tensors."""
+    T, E, M = spec.T, spec.E, len(spec.params)
+    d_outs = [48 + 16 * m for m in range(M)]
+    x = _meta(T, spec.d_in, dtype=spec.x)
+    As = [_meta(spec.r if spec.hydra else E * spec.r, spec.d_in, dtype=p) for p in spec.params]
+    Bs = [_meta(d, E * spec.r, dtype=p) for d, p in zip(d_outs, spec.params)]
+    bases = [_meta(T, d, dtype=b) for d, b in zip(d_outs, spec.bases)] if spec.bases else []
+    routed, uses_router = spec.kind != "none", spec.kind in ("token", "hybrid")
+    weight = _meta(E, spec.d_in, dtype=F32) if uses_router and not spec.logits_in else None
+    bias = _meta(E, dtype=F32) if weight is not None else None
+    logits_in = _meta(T, E, dtype=F32) if uses_router and spec.logits_in else None
+    task = _meta(4, E, dtype=F32) if spec.kind in ("task", "hybrid") else None
+    alpha = _meta(1, dtype=F32) if spec.kind == "hybrid" else None
+    plan = make_plan(x, As, Bs, bases, weight, bias, logits_in, task, None, 2.0, E, spec.hydra, spec.kind,
+                     spec.top_k, "softmax", 0.1, 1234, spec.precision, spec.deterministic)
     with observe_launches(record_only=True) as seen:
-        ys, logits, p_tok, gates, h = run_forward(plan, x, As, Bs, bases, weight, bias, logits_in, task, alpha)
-        routing_grad = None if gates is None else _meta(T, s.E, dtype=torch.float32)
-        run_backward(plan, ys, logits_in, None if p_tok is None else routing_grad, routing_grad, x, As, Bs,
-                     weight, task, alpha, p_tok, gates, h)
-    return [(name, kernel, args, constexprs, warps) for name, kernel, _, args, constexprs, warps in seen]
+        ys, logits, p_tok, gates, h, sel = run_forward(plan, x, As, Bs, bases, weight, bias, logits_in, task, alpha,
+                                                       None)
+        dys = [_meta(T, d, dtype=dt) for d, dt in zip(d_outs, member_dtypes(x, As, Bs, bases)[1])]
+        grad = _meta(T, E, dtype=F32) if routed else None
+        run_backward(plan, dys, logits_in, grad if p_tok is not None else None, grad, x, As, Bs, weight, task, alpha,
+                     None, p_tok, gates, h, sel if plan.selective else None)
+    return tuple((name, kernel, args, constexprs, warps) for name, kernel, _, args, constexprs, warps in seen)
 
 
-def _type_of(value):
-    if isinstance(value, tuple):
-        return tuple(_type_of(v) for v in value)
-    if isinstance(value, torch.Tensor):
-        return "*" + _TYPE_NAMES[value.dtype]
-    if isinstance(value, bool):
-        return "i1"
-    if isinstance(value, int):
-        return "i32" if -2**31 <= value < 2**31 else "i64"
-    if isinstance(value, float):
-        return "fp32"
-    raise TypeError(f"no Triton type for {value!r}")
+def jit_compile_inputs(kernel, args: dict, constexprs: dict, num_warps: int, arch: int):
+    """(signature, constexprs, attrs, options) exactly as Triton's JIT derives them from these arguments."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(**args, **constexprs, num_warps=num_warps)
+    return kernel._pack_args(backend, {"num_warps": num_warps}, bound, specialization, options)
+
+
+def specialization_key(name: str, kernel, args: dict, constexprs: dict, num_warps: int) -> str:
+    """What makes two launches one compiled kernel (the same on both targets)."""
+    options, signature, constants, attrs = jit_compile_inputs(kernel, args, constexprs, num_warps, ARCHS[0])
+    return repr((name, signature, sorted(constants.items()), sorted(attrs.items()), num_warps))
+
+
+def representatives() -> Dict[KernelConfig, List[GroupSpec]]:
+    """For every configuration the planner can choose, one representative group per admitted dtype signature."""
+    first_seen: Dict[KernelConfig, Tuple[Shape, bool, bool]] = {}
+    for config, shape, deterministic, routed in configuration_space():
+        first_seen.setdefault(config, (shape, deterministic, routed))
+    return {config: [representative(shape, deterministic, routed, dtypes)
+                     for dtypes in dtype_signatures(shape.precision)]
+            for config, (shape, deterministic, routed) in first_seen.items()}
+
+
+@dataclass(frozen=True)
+class Job:
+    """One kernel launch of one representative: compiled once per target."""
+
+    rep: GroupSpec
+    launch_index: int
+    kernel: str
+    config: KernelConfig
+
+
+@functools.lru_cache(maxsize=1)
+def all_jobs() -> Tuple[Job, ...]:
+    """Every distinct compiled kernel (by the JIT's specialisation key) the planner can launch."""
+    jobs, seen = [], set()
+    for config, reps in representatives().items():
+        for rep in reps:
+            for index, (name, kernel, args, constexprs, warps) in enumerate(recorded_launches(rep)):
+                if name != config.kernel + "_kernel" or constexprs != config.as_dict():
+                    continue
+                key = specialization_key(name, kernel, args, constexprs, warps)
+                if key not in seen:
+                    seen.add(key)
+                    jobs.append(Job(rep, index, name, config))
+    return tuple(jobs)
+
+
+def job_keys() -> set:
+    return {specialization_key(*recorded_launches(job.rep)[job.launch_index]) for job in all_jobs()}
+
+
+def sampled_groups(count: int, seed: int = 0) -> List[GroupSpec]:
+    """Random groups inside the limits, wider than the enumeration's representatives: up to 12 members (two launch
+    groups), members of different parameter dtypes, bases of any dtype or none, every routing kind, router logits
+    given, any top-k, either mode and precision."""
+    import random
+
+    from .plan import KERNEL_DTYPES, MAX_RANK, MAX_RANK_WIDTH
+
+    rng = random.Random(seed)
+    specs = []
+    while len(specs) < count:
+        E = rng.choice([1, 2, 3, 5, 8, 13, 16, 17, 31, 48, 64])
+        r = rng.randint(1, min(MAX_RANK, MAX_RANK_WIDTH // E))
+        x = rng.choice(KERNEL_DTYPES)
+        kind = rng.choice(["token", "task", "hybrid", "none"]) if E > 1 else rng.choice(["token", "none"])
+        members = 1 if kind == "none" else rng.randint(1, 12)
+        bases = rng.choice([None, tuple(rng.choice(KERNEL_DTYPES) for _ in range(members))])
+        specs.append(GroupSpec(
+            E=1 if kind == "none" else E, r=r, hydra=kind != "none" and E > 1 and rng.random() < 0.5, x=x,
+            params=tuple(rng.choice(KERNEL_DTYPES) for _ in range(members)), bases=bases, kind=kind,
+            top_k=0 if kind == "none" else rng.randint(0, E), logits_in=kind in ("token", "hybrid") and rng.random() < 0.3,
+            deterministic=rng.random() < 0.3, precision=rng.choice(["ieee", "tf32"]) if x == F32 else "tf32",
+            T=rng.randint(1, 100), d_in=rng.randint(1, 100)))
+    return specs
+
+
+def uncovered_launches(specs) -> List[str]:
+    """Launches of these groups whose compiled kernel (the JIT's specialisation key) the enumeration lacks."""
+    keys = job_keys()
+    missing = []
+    for spec in specs:
+        for name, kernel, args, constexprs, warps in recorded_launches(spec):
+            if specialization_key(name, kernel, args, constexprs, warps) not in keys:
+                missing.append(f"{name} {constexprs} for {spec}")
+    return missing
+
+
+def _pressure(job: Job):
+    """Ordering for the CI subset: the largest tiles and fp32 everywhere first (most registers)."""
+    c = job.config.as_dict()
+    width = c.get("HC", 0) * c.get("MG", 0) + c.get("EC", 0) * c.get("RCH", 0)
+    rep = job.rep
+    return (width, c.get("E_PAD", 0), not c.get("HYDRA", False), sum(d == F32 for d in (rep.x, *rep.params)))
+
+
+def tier_jobs(jobs: List[Job]) -> List[Job]:
+    """One job per tier (kernel, block sizes, dot precision, warps): the one with the most register demand."""
+    best: Dict[tuple, Job] = {}
+    for job in jobs:
+        tier = job.config.tier
+        if tier not in best or _pressure(job) > _pressure(best[tier]):
+            best[tier] = job
+    return list(best.values())
 
 
 def compile_launch(kernel, args: dict, constexprs: dict, num_warps: int, arch: int):
@@ -111,10 +225,9 @@ def compile_launch(kernel, args: dict, constexprs: dict, num_warps: int, arch: i
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    signature = {name: _type_of(v) for name, v in args.items()}
-    signature.update({name: "constexpr" for name in constexprs})
-    src = ASTSource(fn=kernel, signature=signature, constexprs=dict(constexprs))
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    options, signature, constants, attrs = jit_compile_inputs(kernel, args, constexprs, num_warps, arch)
+    src = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options.__dict__)
 
 
 def cuobjdump() -> str:
@@ -137,29 +250,15 @@ def resource_usage(cubin: bytes) -> Dict[str, int]:
     return usage
 
 
-def compile_jobs(scenarios=SCENARIOS, archs=ARCHS) -> List[Tuple[int, int, int]]:
-    """(scenario index, launch index, arch) of every distinct (kernel, signature, constexprs, warps) and arch."""
-    jobs, seen = [], set()
-    for si, s in enumerate(scenarios):
-        for li, (name, _, args, constexprs, warps) in enumerate(recorded_launches(s)):
-            key = (name, repr({k: _type_of(v) for k, v in args.items()}), repr(sorted(constexprs.items())), warps)
-            if key not in seen:
-                seen.add(key)
-                jobs.extend((si, li, arch) for arch in archs)
-    return jobs
-
-
-def run_job(job: Tuple[int, int, int], scenarios=SCENARIOS) -> dict:
-    """Compile one recorded launch for one arch; the row of the report."""
-    si, li, arch = job
-    name, kernel, args, constexprs, warps = recorded_launches(scenarios[si])[li]
+def run_job(job: Job, arch: int) -> dict:
+    """Compile one job for one target; the row of the report."""
+    name, kernel, args, constexprs, warps = recorded_launches(job.rep)[job.launch_index]
     compiled = compile_launch(kernel, args, constexprs, warps, arch)
     usage = resource_usage(compiled.asm["cubin"])
-    return dict(kernel=name, scenario=scenarios[si].why, arch=f"sm_{arch}", num_warps=warps,
-                tiles={k: v for k, v in constexprs.items() if k in ("BM", "BK", "BN")},
-                pads={k: v for k, v in constexprs.items() if k in ("R_PAD", "E_SLOTS", "R_SLOTS", "E_PAD", "M", "RANK")},
-                reg=usage["REG"], shared=max(usage["SHARED"], compiled.metadata.shared), local=usage["LOCAL"],
-                stack=usage["STACK"], limits=LIMITS[arch], wgmma="wgmma" in compiled.asm["ptx"])
+    return dict(kernel=name, config=str(job.rep), arch=f"sm_{arch}", num_warps=warps, constexprs=constexprs,
+                tier=repr(job.config.tier), reg=usage["REG"], shared=max(usage["SHARED"], compiled.metadata.shared),
+                local=usage["LOCAL"], stack=usage["STACK"], limits=LIMITS[arch],
+                wgmma="wgmma" in compiled.asm["ptx"])
 
 
 def violations(row: dict) -> Optional[str]:

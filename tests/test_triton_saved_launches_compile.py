@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import hmora_kernels as hk
@@ -13,14 +14,14 @@ from hmora_kernels.triton_backend.launch import observe_launches
 T, D, E, R, D_OUTS, N_SEQ = 64, 48, 8, 8, (32, 16, 16), 2
 
 
-def paper_group(dtype=torch.bfloat16, requires_grad=True):
+def paper_group(dtype=torch.bfloat16, requires_grad=True, hydra=True):
     g = torch.Generator().manual_seed(0)
 
     def leaf(*shape, scale=1.0, dt=dtype):
         return (torch.randn(*shape, generator=g) * scale).to(dt).requires_grad_(requires_grad)
 
     return dict(
-        x=leaf(T, D), members_A=[leaf(R, D, scale=D ** -0.5) for _ in D_OUTS],
+        x=leaf(T, D), members_A=[leaf(R if hydra else E * R, D, scale=D ** -0.5) for _ in D_OUTS],
         members_B=[leaf(d, E * R, scale=0.5) for d in D_OUTS], scaling=2.0,
         router_weight=leaf(E, D, scale=D ** -0.5, dt=torch.float32), router_bias=leaf(E, dt=torch.float32),
         task_probs=torch.softmax(torch.randn(N_SEQ, E, generator=g), -1).requires_grad_(requires_grad),
@@ -67,6 +68,19 @@ def test_saved_for_backward_is_x_rank_activations_and_routing_only():
     print(f"saved besides x and parameters: triton {other_bytes} B, torch backend {torch_bytes} B (incl. its x copies)")
 
 
+def test_per_expert_top_k_saves_only_the_selected_experts_rank_activations():
+    """With one A per expert and top-2 routing, each member's h keeps the 2 selected experts' rank blocks of each
+    token (T, 2r), not all E of them (T, E*r)."""
+    args = paper_group(hydra=False)
+    _, saved = saved_for_backward(args, "triton")
+    params = [*args["members_A"], *args["members_B"], args["router_weight"], args["router_bias"],
+              args["task_probs"], args["alpha"]]
+    param_ptrs = {p.data_ptr() for p in params} | {args["x"].data_ptr()}
+    others = [t for t in saved if t.data_ptr() not in param_ptrs]
+    h_bytes = T * len(D_OUTS) * 2 * R * args["x"].element_size()
+    assert sum(t.numel() * t.element_size() for t in others) == h_bytes + 2 * T * E * 4 + T * 8
+
+
 def test_launches_per_group_forward_and_backward():
     """2 kernels per routed group forward and 3 per backward, any number of members (plus, outside the kernels,
     2 memsets of the buffers the backward adds into); plain LoRA: 2 and 2 (no routing to take back)."""
@@ -86,14 +100,15 @@ def test_launches_per_group_forward_and_backward():
     assert [name for name, *_ in lora_backward] == ["output_grad_kernel", "input_grad_kernel"]
 
 
-def test_torch_compile_fullgraph_traces_the_custom_ops():
+@pytest.mark.parametrize("hydra", [True, False], ids=["Hydra", "per-expert A (compact h)"])
+def test_torch_compile_fullgraph_traces_the_custom_ops(hydra):
     """torch.compile(fullgraph=True, backend='aot_eager') of a step using the op gives the eager values and
     gradients: the custom ops' fake implementations describe every output."""
     def step(args):
         out = call(args, "triton")
         return sum((y.float() * y.float()).sum() for y in out.outputs) + (out.p_tok * out.gates).sum()
 
-    eager_args, compiled_args = paper_group(torch.float32), paper_group(torch.float32)
+    eager_args, compiled_args = paper_group(torch.float32, hydra=hydra), paper_group(torch.float32, hydra=hydra)
     eager = step(eager_args)
     eager.backward()
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(compiled_args)

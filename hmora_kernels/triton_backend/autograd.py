@@ -6,8 +6,9 @@ LAUNCH_MEMBERS: one group in the usual case). Forward: shrink_route_kernel and e
 Backward: output_grad_kernel per launch group (each dY read once), route_grad_kernel once for a routed group,
 input_grad_kernel per launch group (x read once for the common shapes); in deterministic mode also rank_grad_kernel
 per launch group; plus, outside the kernels, the memsets of the buffers added into. Saved for backward: x (a
-reference), h (T, M*HR) in x's dtype, gates and p_tok (T, E) fp32, under top-k each token's selected experts (T,)
-int64, the parameters and the seed tensor. An empty batch (T = 0) launches nothing.
+reference), h (T, M*HS) in x's dtype (HS = r for Hydra, E*r, or k*r under top-k: the selected experts' blocks only),
+gates and p_tok (T, E) fp32, under top-k each token's selected experts (T,) int64, the parameters and the seed
+tensor. An empty batch (T = 0) launches nothing.
 """
 from __future__ import annotations
 
@@ -113,7 +114,7 @@ def run_forward(plan: GroupPlan, x, As, Bs, bases, router_weight, router_bias, r
     kernel_bases = [_as(b, y) for b, y in zip(bases, outputs)] if bases else None
     stand_in = _stand_in(x, F32)
     routing = [torch.empty(T, E, dtype=F32, device=x.device) for _ in range(3)] if plan.routed else [stand_in] * 3
-    h = torch.empty(T, plan.M * plan.HR, dtype=x.dtype, device=x.device)
+    h = torch.empty(T, plan.M * plan.HS, dtype=x.dtype, device=x.device)
     sel = torch.empty(T, dtype=torch.int64, device=x.device)
     ys = [torch.empty(T, d, dtype=y, device=x.device) for d, y in zip(plan.d_outs, outputs)]
     if T > 0:
@@ -146,7 +147,8 @@ def _(x, As, Bs, bases, router_weight, router_bias, router_logits, task_probs, a
     p_tok = routing if kind in ("token", "hybrid") else _empty(x)
     gates = routing if kind != "none" else _empty(x)
     sel = x.new_empty(T, dtype=torch.int64) if kind != "none" and top_k > 0 else _empty(x, torch.int64)
-    h = x.new_empty(T, len(As) * As[0].shape[0])
+    compact = kind != "none" and top_k > 0 and not hydra  # plan.compact
+    h = x.new_empty(T, len(As) * (top_k * (Bs[0].shape[1] // E) if compact else As[0].shape[0]))
     return ys + [logits.clone(), p_tok.clone(), gates.clone(), h, sel]
 
 
@@ -233,7 +235,7 @@ def run_backward(plan: GroupPlan, dys, dlogits_in, dp_tok_in, dgates_in, x, As, 
     stand_in = _stand_in(x, F32)
     sel = torch.empty(1, dtype=torch.int64, device=x.device) if sel is None else _aligned(sel)
     # rank and gate gradients: added into (atomic mode), or dh written whole and dgates added into rows owned
-    rank_width, gate_width = plan.M * plan.HR, E if plan.routed else 0
+    rank_width, gate_width = plan.M * plan.HS, E if plan.routed else 0
     scratch = make(T * rank_width + T * gate_width, dtype=F32, device=x.device)
     if plan.deterministic and plan.routed:
         scratch[T * rank_width:].zero_()

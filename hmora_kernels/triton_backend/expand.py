@@ -29,7 +29,7 @@ def load_b_chunk(b_ptr, n, n_ok, e, j, e_ok, j_ok, KE, r, EC: tl.constexpr, RCH:
 @fused_jit
 def expand_kernel(
     h_ptr, gates_ptr, sel_ptr, b_ptrs, base_ptrs, y_ptrs, d_outs, block_starts,
-    T, E, r, HR, h_stride, member0, scaling, tokens_per_split, rank_blocks, chunks, gated, selective, has_base,
+    T, E, r, HS, h_stride, member0, scaling, tokens_per_split, rank_blocks, chunks, gated, selective, has_base,
     BM: tl.constexpr, BN: tl.constexpr, EC: tl.constexpr, RCH: tl.constexpr, HYDRA: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -39,7 +39,7 @@ def expand_kernel(
     b_ptr = member_value(b_ptrs, m)
     n = (pid_n - member_int(block_starts, m)) * BN + tl.arange(0, BN)
     n_ok = n < d_out
-    h_col0 = (member0 + m) * HR
+    h_col0 = (member0 + m) * HS
     KE = E * r
     _, e, j, e_ok, j_ok = chunk_experts_ranks(0, rank_blocks, E, r, EC, RCH)
     b_first = load_b_chunk(b_ptr, n, n_ok, e, j, e_ok, j_ok, KE, r, EC, RCH)
@@ -53,8 +53,8 @@ def expand_kernel(
                 b = b_first
                 if chunk > 0:
                     b = load_b_chunk(b_ptr, n, n_ok, e, j, e_ok, j_ok, KE, r, EC, RCH)
-                h3, g = chunk_rank_and_gates(h_ptr, gates_ptr, bits, rows64, row_ok, h_stride, h_col0, e, j, e_ok,
-                                             j_ok, r, E, gated, selective, HYDRA)
+                h3, g, _, _ = chunk_rank_and_gates(h_ptr, gates_ptr, bits, rows64, row_ok, h_stride, h_col0, e, j,
+                                                   e_ok, j_ok, r, E, gated, selective, HYDRA)
                 y += tl.dot(gated_operand(h3, g, EC, RCH), b, input_precision=FP32_DOT)
         y = y * scaling
         out = rows64[:, None] * d_out + n[None, :]
@@ -84,7 +84,7 @@ def run_expand(plan: GroupPlan, group: LaunchGroup, h, gates, sel, Bs, bases, ys
     args = dict(
         h_ptr=h, gates_ptr=gates, sel_ptr=sel, b_ptrs=member_tuple(Bs),
         base_ptrs=member_tuple(ys if bases is None else bases), y_ptrs=member_tuple(ys), d_outs=member_sizes(d_outs),
-        block_starts=block_starts, T=plan.T, E=plan.E, r=plan.r, HR=plan.HR, h_stride=plan.M * plan.HR,
+        block_starts=block_starts, T=plan.T, E=plan.E, r=plan.r, HS=plan.HS, h_stride=plan.M * plan.HS,
         member0=group.first, scaling=plan.scaling, tokens_per_split=per_split, rank_blocks=plan.rank_blocks,
         chunks=plan.operand_chunks, gated=plan.routed, selective=plan.selective, has_base=bases is not None,
     )

@@ -18,7 +18,7 @@ from .launch import launch, member_tuple
 from .plan import GroupPlan, LaunchGroup
 from .tiles import (
     accumulate, dot, dot_operand, dropout_scale, expert_bits, fused_jit, member_value, philox_seed, slot_accumulators,
-    token_rows, token_split,
+    token_rank_columns, token_rows, token_split,
 )
 
 
@@ -53,7 +53,7 @@ def routing_sums(dlogits_ptr, dtask_tok_ptr, dalpha_tok_ptr, dbias_ptr, dtask_pt
 def input_grad_kernel(
     x_ptr, a_ptrs, w_ptr, dh_ptr, sel_ptr, dlogits_ptr, dx_ptr, dx_sum_ptr, da_ptrs, dw_ptr, seed_ptr,
     dtask_tok_ptr, dalpha_tok_ptr, dbias_ptr, dtask_ptr, dalpha_ptr,
-    T, D, E, r, HR, h_stride, member0, M, h_chunks, tokens_per_split, dropout_p, seed, seed_in_memory, seq_len,
+    T, D, E, r, HR, HS, h_stride, member0, M, h_chunks, tokens_per_split, dropout_p, seed, seed_in_memory, seq_len,
     num_sequences, router_grad, atomic, dx_first, dx_last, masks_h, sum_bias, sum_task, sum_alpha,
     BM: tl.constexpr, BK: tl.constexpr, HC: tl.constexpr, MG: tl.constexpr, E_PAD: tl.constexpr,
     DOT: tl.constexpr,
@@ -98,15 +98,18 @@ def input_grad_kernel(
                         dx += dot(dl, w, DOT) * scale
                     acc_w = updated
                 dh_ok = row_ok[:, None] & hcol_ok[None, :]
-                if masks_h:  # column c of dh belongs to expert c // r; unselected experts' columns are not read
-                    dh_ok = dh_ok & expert_bits(tl.load(sel_ptr + rows64, mask=row_ok, other=0), hcols // r)
+                bits = tl.full((BM,), -1, tl.int64)
+                if masks_h:  # column c of dh belongs to expert c // r; unselected experts' columns do not exist
+                    bits = tl.load(sel_ptr + rows64, mask=row_ok, other=0)
+                    dh_ok = dh_ok & expert_bits(bits, hcols // r)
+                dh_cols = token_rank_columns(bits, hcols // r, hcols % r, r, masks_h)
                 updated = ()
                 for s in tl.static_range(MG):
                     acc = accs[s]
                     m = slot0 + s
                     if m < M:
                         scale = dropout_scale(offsets, key, member0 + m + 1, dropout_p)
-                        dh = dot_operand(tl.load(dh_ptr + rows64[:, None] * h_stride + (member0 + m) * HR + hcols[None, :],
+                        dh = dot_operand(tl.load(dh_ptr + rows64[:, None] * h_stride + (member0 + m) * HS + dh_cols,
                                                  mask=dh_ok, other=0.0), DOT)
                         acc += dot(tl.trans(dh), dot_operand(xt * scale, DOT), DOT)
                         dx += dot(dh, a_tiles[s], DOT) * scale
@@ -163,11 +166,12 @@ def run_input_grad(plan: GroupPlan, group: LaunchGroup, x, As, dAs, dh, sel, see
         x_ptr=x, a_ptrs=member_tuple(As), w_ptr=weight, dh_ptr=dh, sel_ptr=sel, dlogits_ptr=ptr(dlogits), dx_ptr=dx,
         dx_sum_ptr=dx_sum, da_ptrs=member_tuple(dAs), dw_ptr=dW, seed_ptr=seed_tensor,
         dtask_tok_ptr=ptr(dtask_tok), dalpha_tok_ptr=ptr(dalpha_tok), dbias_ptr=dbias, dtask_ptr=dtask,
-        dalpha_ptr=dalpha, T=plan.T, D=plan.d_in, E=plan.E, r=plan.r, HR=plan.HR, h_stride=plan.M * plan.HR,
+        dalpha_ptr=dalpha, T=plan.T, D=plan.d_in, E=plan.E, r=plan.r, HR=plan.HR, HS=plan.HS,
+        h_stride=plan.M * plan.HS,
         member0=group.first, M=group.count, h_chunks=plan.h_chunks, tokens_per_split=per_split,
         dropout_p=plan.dropout_p, seed=plan.seed_arg, seed_in_memory=plan.seed_in_memory, seq_len=plan.seq_len,
         num_sequences=plan.num_sequences, router_grad=router_grad, atomic=splits > 1, dx_first=first,
-        dx_last=last, masks_h=plan.selective and not plan.hydra, sum_bias=sum_bias,
+        dx_last=last, masks_h=plan.compact, sum_bias=sum_bias,
         sum_task=first and dtask_tok is not None, sum_alpha=first and dalpha_tok is not None,
     )
     launch(input_grad_kernel, (columns + sums, splits), args, c, config.num_warps)

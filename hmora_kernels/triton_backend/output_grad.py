@@ -26,28 +26,24 @@ from .tiles import (
 
 
 @triton.jit
-def rank_grad_parts(d_gated, h3, g, bits, row_ok, e, j, e_ok, j_ok, r, selective, HYDRA: tl.constexpr):
-    """From dG (BM, EC, RCH) of one member and chunk: (dh part, its columns, its mask, dgates part (BM, EC), its mask).
-    dh = g (x) dG at columns e * r + j, or for Hydra the chunk's experts' sum at columns j; dgates = sum_j dG h.
-    Under top-k only the selected experts' parts are kept."""
+def rank_grad_parts(d_gated, h3, g, bits, row_ok, e, e_ok, selective, HYDRA: tl.constexpr):
+    """From dG (BM, EC, RCH) of one member and chunk: (dh, dgates (BM, EC), where dgates is needed). dh = g (x) dG
+    (BM, EC, RCH) at h3's columns, or for Hydra the chunk's experts' sum (BM, RCH); dgates = sum_j dG h. Under
+    top-k only the selected experts' dgates are needed."""
     e_sel = row_ok[:, None] & e_ok[None, :]
     if selective:
         e_sel = e_sel & expert_bits(bits, e)
     if HYDRA:
         dh = tl.sum(d_gated * g[:, :, None], axis=1)
-        dh_cols = j[None, :]
-        dh_ok = row_ok[:, None] & j_ok[None, :]
     else:
         dh = d_gated * g[:, :, None]
-        dh_cols = (e[:, None] * r + j[None, :])[None, :, :]
-        dh_ok = e_sel[:, :, None] & j_ok[None, None, :]
-    return dh, dh_cols, dh_ok, tl.sum(d_gated * h3, axis=2), e_sel
+    return dh, tl.sum(d_gated * h3, axis=2), e_sel
 
 
 @fused_jit
 def output_grad_kernel(
     dy_ptrs, b_ptrs, db_ptrs, d_outs, block_starts, h_ptr, gates_ptr, sel_ptr, dh_ptr, dgates_ptr,
-    T, E, r, HR, h_stride, member0, scaling, tokens_per_split, rank_blocks, gated, selective, atomic_db,
+    T, E, r, HS, h_stride, member0, scaling, tokens_per_split, rank_blocks, gated, selective, atomic_db,
     computes_rank_grads,
     BM: tl.constexpr, BN: tl.constexpr, EC: tl.constexpr, RCH: tl.constexpr, HYDRA: tl.constexpr,
     DOT: tl.constexpr,
@@ -59,7 +55,7 @@ def output_grad_kernel(
     dy_ptr = member_value(dy_ptrs, m)
     n = (pid_n - member_int(block_starts, m)) * BN + tl.arange(0, BN)
     n_ok = n < d_out
-    h_col0 = (member0 + m) * HR
+    h_col0 = (member0 + m) * HS
     KE = E * r
     e0, e, j, e_ok, j_ok = chunk_experts_ranks(tl.program_id(2), rank_blocks, E, r, EC, RCH)
     b_col, b_ok = b_chunk_columns(e, j, e_ok, j_ok, r, EC, RCH)
@@ -72,18 +68,17 @@ def output_grad_kernel(
         if any_expert_selected(union, e0, EC):
             dy = tl.load(dy_ptr + rows64[:, None] * d_out + n[None, :], mask=row_ok[:, None] & n_ok[None, :],
                          other=0.0).to(tl.float32)
-            h3, g = chunk_rank_and_gates(h_ptr, gates_ptr, bits, rows64, row_ok, h_stride, h_col0, e, j, e_ok, j_ok,
-                                         r, E, gated, selective, HYDRA)
+            h3, g, h_cols, h_ok = chunk_rank_and_gates(h_ptr, gates_ptr, bits, rows64, row_ok, h_stride, h_col0, e, j,
+                                                       e_ok, j_ok, r, E, gated, selective, HYDRA)
             acc_db += tl.dot(tl.trans(dy), gated_operand(h3, g, EC, RCH), input_precision=FP32_DOT)
             if computes_rank_grads:
                 d_gated = tl.reshape(dot(dot_operand(dy, DOT), b, DOT) * scaling, (BM, EC, RCH))
-                dh, dh_cols, dh_ok, dgates, dgates_ok = rank_grad_parts(d_gated, h3, g, bits, row_ok, e, j, e_ok,
-                                                                        j_ok, r, selective, HYDRA)
+                dh, dgates, dgates_ok = rank_grad_parts(d_gated, h3, g, bits, row_ok, e, e_ok, selective, HYDRA)
                 dh_rows = dh_ptr + rows64 * h_stride + h_col0
                 if HYDRA:
-                    tl.atomic_add(dh_rows[:, None] + dh_cols, dh, mask=dh_ok)
+                    tl.atomic_add(dh_rows[:, None] + j[None, :], dh, mask=row_ok[:, None] & j_ok[None, :])
                 else:
-                    tl.atomic_add(dh_rows[:, None, None] + dh_cols, dh, mask=dh_ok)
+                    tl.atomic_add(dh_rows[:, None, None] + h_cols, dh, mask=h_ok)
                 if gated:
                     tl.atomic_add(dgates_ptr + rows64[:, None] * E + e[None, :], dgates, mask=dgates_ok)
     accumulate(member_value(db_ptrs, m) + n.to(tl.int64)[:, None] * KE + b_col[None, :], acc_db * scaling,
@@ -91,7 +86,7 @@ def output_grad_kernel(
 
 
 def run_output_grad(plan: GroupPlan, group: LaunchGroup, dys, Bs, dBs, h, gates, sel, dh, dgates) -> None:
-    """Writes dB_m into dBs (fp32, zeroed unless plan.deterministic) and, unless deterministic, adds dh (T, M*HR)
+    """Writes dB_m into dBs (fp32, zeroed unless plan.deterministic) and, unless deterministic, adds dh (T, M*HS)
     and dgates (T, E) into their zeroed fp32 buffers."""
     config = plan.configs(group)["output_grad"]
     c = config.as_dict()
@@ -102,7 +97,7 @@ def run_output_grad(plan: GroupPlan, group: LaunchGroup, dys, Bs, dBs, h, gates,
     args = dict(
         dy_ptrs=member_tuple(dys), b_ptrs=member_tuple(Bs), db_ptrs=member_tuple(dBs), d_outs=member_sizes(d_outs),
         block_starts=block_starts, h_ptr=h, gates_ptr=gates, sel_ptr=sel, dh_ptr=dh, dgates_ptr=dgates,
-        T=plan.T, E=plan.E, r=plan.r, HR=plan.HR, h_stride=plan.M * plan.HR, member0=group.first,
+        T=plan.T, E=plan.E, r=plan.r, HS=plan.HS, h_stride=plan.M * plan.HS, member0=group.first,
         scaling=plan.scaling, tokens_per_split=per_split, rank_blocks=plan.rank_blocks, gated=plan.routed,
         selective=plan.selective, atomic_db=splits > 1, computes_rank_grads=not plan.deterministic,
     )

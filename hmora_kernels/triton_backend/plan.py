@@ -259,6 +259,17 @@ class GroupPlan:
         return self.E * self.r
 
     @property
+    def compact(self) -> bool:
+        """Top-k routing with one A per expert: a member's h keeps only each token's k selected experts' blocks,
+        in expert order (slot i holds the i-th selected expert), so h, dh and their traffic scale with k, not E."""
+        return self.selective and not self.hydra
+
+    @property
+    def HS(self) -> int:
+        """Columns one member's h (and dh) takes in memory: k*r when compact, else HR."""
+        return self.top_k * self.r if self.compact else self.HR
+
+    @property
     def routed(self) -> bool:
         return self.kind != "none"
 

@@ -20,7 +20,7 @@ from .tiles import (
 @fused_jit
 def rank_grad_kernel(
     dy_ptrs, b_ptrs, d_outs, h_ptr, gates_ptr, sel_ptr, dh_ptr, dgates_ptr,
-    T, E, r, HR, h_stride, member0, M, scaling, rank_blocks, expert_blocks, gated, selective,
+    T, E, r, HS, h_stride, member0, M, scaling, rank_blocks, expert_blocks, gated, selective,
     BM: tl.constexpr, BN: tl.constexpr, EC: tl.constexpr, RCH: tl.constexpr, HYDRA: tl.constexpr,
     DOT: tl.constexpr,
 ):
@@ -32,7 +32,7 @@ def rank_grad_kernel(
         d_out = member_int(d_outs, m)
         dy_ptr = member_value(dy_ptrs, m)
         b_ptr = member_value(b_ptrs, m)
-        dh_rows = dh_ptr + rows64 * h_stride + (member0 + m) * HR
+        dh_rows = dh_ptr + rows64 * h_stride + (member0 + m) * HS
         for rb in range(rank_blocks):
             dh_hydra = tl.zeros((BM, RCH), tl.float32)  # Hydra: the rank block's dh, summed over the expert blocks
             for eb in range(expert_blocks):
@@ -48,15 +48,15 @@ def rank_grad_kernel(
                         b = tl.load(b_ptr + n.to(tl.int64)[:, None] * KE + b_col[None, :], mask=n_ok[:, None] & b_ok[None, :],
                                     other=0.0).to(tl.float32)
                         d_g += dot(dot_operand(dy, DOT), dot_operand(b, DOT), DOT)
-                    h3, g = chunk_rank_and_gates(h_ptr, gates_ptr, bits, rows64, row_ok, h_stride,
-                                                 (member0 + m) * HR, e, j, e_ok, j_ok, r, E, gated, selective, HYDRA)
-                    dh, dh_cols, dh_ok, dgates, dgates_ok = rank_grad_parts(
-                        tl.reshape(d_g * scaling, (BM, EC, RCH)), h3, g, bits, row_ok, e, j, e_ok, j_ok, r,
-                        selective, HYDRA)
+                    h3, g, h_cols, h_ok = chunk_rank_and_gates(h_ptr, gates_ptr, bits, rows64, row_ok, h_stride,
+                                                               (member0 + m) * HS, e, j, e_ok, j_ok, r, E, gated,
+                                                               selective, HYDRA)
+                    dh, dgates, dgates_ok = rank_grad_parts(tl.reshape(d_g * scaling, (BM, EC, RCH)), h3, g, bits,
+                                                            row_ok, e, e_ok, selective, HYDRA)
                     if HYDRA:
                         dh_hydra += dh
                     else:
-                        tl.store(dh_rows[:, None, None] + dh_cols, dh, mask=dh_ok)
+                        tl.store(dh_rows[:, None, None] + h_cols, dh, mask=h_ok)
                     if gated:  # rows this program owns
                         gate_ptrs = dgates_ptr + rows64[:, None] * E + e[None, :]
                         tl.store(gate_ptrs, tl.load(gate_ptrs, mask=dgates_ok, other=0.0) + dgates, mask=dgates_ok)
@@ -67,14 +67,14 @@ def rank_grad_kernel(
 
 
 def run_rank_grad(plan: GroupPlan, group: LaunchGroup, dys, Bs, h, gates, sel, dh, dgates) -> None:
-    """Deterministic mode: writes dh (T, M*HR) and adds dgates (T, E) (zeroed) for launch group `group`."""
+    """Deterministic mode: writes dh (T, M*HS) and adds dgates (T, E) (zeroed) for launch group `group`."""
     config = plan.configs(group)["rank_grad"]
     c = config.as_dict()
     args = dict(
         dy_ptrs=member_tuple(dys), b_ptrs=member_tuple(Bs),
         d_outs=member_sizes(plan.d_outs[group.first:group.first + group.count]), h_ptr=h, gates_ptr=gates,
-        sel_ptr=sel, dh_ptr=dh, dgates_ptr=dgates, T=plan.T, E=plan.E, r=plan.r, HR=plan.HR,
-        h_stride=plan.M * plan.HR, member0=group.first, M=group.count, scaling=plan.scaling,
+        sel_ptr=sel, dh_ptr=dh, dgates_ptr=dgates, T=plan.T, E=plan.E, r=plan.r, HS=plan.HS,
+        h_stride=plan.M * plan.HS, member0=group.first, M=group.count, scaling=plan.scaling,
         rank_blocks=plan.rank_blocks, expert_blocks=plan.operand_chunks // plan.rank_blocks, gated=plan.routed,
         selective=plan.selective,
     )

@@ -14,7 +14,8 @@ from .launch import launch, member_tuple
 from .plan import GroupPlan, LaunchGroup
 from .routing import KIND_NONE, KIND_TASK, ROUTER_LOGITS, ROUTER_WEIGHT, route, selection_mask_bits
 from .tiles import (
-    FP32_DOT, dot, dot_operand, dropout_scale, expert_bits, fused_jit, member_value, philox_seed, slot_accumulators, token_block,
+    FP32_DOT, dot, dot_operand, dropout_scale, expert_bits, fused_jit, member_value, philox_seed, slot_accumulators,
+    token_block, token_rank_columns,
 )
 
 
@@ -22,7 +23,7 @@ from .tiles import (
 def shrink_route_kernel(
     x_ptr, a_ptrs, w_ptr, bias_ptr, logits_in_ptr, task_ptr, alpha_ptr, seed_ptr,
     h_ptr, logits_ptr, p_tok_ptr, gates_ptr, sel_ptr,
-    T, D, E, r, HR, h_stride, member0, M, h_chunks, seq_len, top_k, dropout_p, seed,
+    T, D, E, r, HR, HS, h_stride, member0, M, h_chunks, seq_len, top_k, dropout_p, seed,
     kind, router, has_bias, renorm_softmax, seed_in_memory, stores_routing, masks_h,
     BM: tl.constexpr, BK: tl.constexpr, HC: tl.constexpr, MG: tl.constexpr, E_PAD: tl.constexpr,
     DOT: tl.constexpr,
@@ -60,6 +61,7 @@ def shrink_route_kernel(
             updated = updated + (acc,)
         accs = updated
     store_ok = row_ok[:, None] & hcol_ok[None, :]
+    bits = tl.full((BM,), -1, tl.int64)
     if routes:
         valid = row_ok[:, None] & (ce < E)[None, :]
         e_offsets = rows64[:, None] * E + ce[None, :]
@@ -78,17 +80,18 @@ def shrink_route_kernel(
             tl.store(gates_ptr + e_offsets, gates, mask=valid)
             if top_k > 0:
                 tl.store(sel_ptr + rows64, bits, mask=row_ok)
-        if masks_h:  # column c of h belongs to expert c // r
+        if masks_h:  # column c of h belongs to expert c // r: stored only where the token selected it
             store_ok = store_ok & expert_bits(bits, hcols // r)
+    cols = token_rank_columns(bits, hcols // r, hcols % r, r, masks_h)
     for s in tl.static_range(MG):
         m = slot0 + s
         if m < M:
-            tl.store(h_ptr + rows64[:, None] * h_stride + (member0 + m) * HR + hcols[None, :],
-                     accs[s].to(h_ptr.dtype.element_ty), mask=store_ok)
+            tl.store(h_ptr + rows64[:, None] * h_stride + (member0 + m) * HS + cols, accs[s].to(h_ptr.dtype.element_ty),
+                     mask=store_ok)
 
 
 def run_shrink_route(plan: GroupPlan, group: LaunchGroup, x, As, routing_in, routing_out) -> None:
-    """Writes launch group `group`'s columns of h (T, M*HR) and, for group 0, the routing outputs.
+    """Writes launch group `group`'s columns of h (T, M*HS) and, for group 0, the routing outputs.
     routing_in: (router_weight, router_bias, router_logits, task_probs, alpha) fp32 and the seed tensor, absent ones
     replaced by fp32 / int64 stand-ins (never read); routing_out: (h, logits, p_tok, gates, sel)."""
     config = plan.configs(group)["shrink_route"]
@@ -98,11 +101,11 @@ def run_shrink_route(plan: GroupPlan, group: LaunchGroup, x, As, routing_in, rou
     args = dict(
         x_ptr=x, a_ptrs=member_tuple(As), w_ptr=weight, bias_ptr=bias, logits_in_ptr=logits_in, task_ptr=task,
         alpha_ptr=alpha, seed_ptr=seed_tensor, h_ptr=h, logits_ptr=logits, p_tok_ptr=p_tok, gates_ptr=gates,
-        sel_ptr=sel, T=plan.T, D=plan.d_in, E=plan.E, r=plan.r, HR=plan.HR, h_stride=plan.M * plan.HR,
+        sel_ptr=sel, T=plan.T, D=plan.d_in, E=plan.E, r=plan.r, HR=plan.HR, HS=plan.HS, h_stride=plan.M * plan.HS,
         member0=group.first, M=group.count, h_chunks=plan.h_chunks, seq_len=plan.seq_len, top_k=plan.top_k,
         dropout_p=plan.dropout_p, seed=plan.seed_arg, kind=plan.kind_code, router=plan.router,
         has_bias=plan.has_bias, renorm_softmax=plan.renorm_softmax, seed_in_memory=plan.seed_in_memory,
-        stores_routing=group.index == 0, masks_h=plan.selective and not plan.hydra,
+        stores_routing=group.index == 0, masks_h=plan.compact,
     )
     grid = (triton.cdiv(plan.T, c["BM"]), plan.h_chunks * triton.cdiv(group.count, c["MG"]))
     launch(shrink_route_kernel, grid, args, c, config.num_warps)

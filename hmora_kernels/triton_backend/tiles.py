@@ -155,6 +155,39 @@ def expert_bits(bits, experts):
 
 
 @triton.jit
+def popcount(x):
+    """Set bits of each non-negative int64."""
+    x = x - ((x >> 1) & 0x5555555555555555)
+    x = (x & 0x3333333333333333) + ((x >> 2) & 0x3333333333333333)
+    x = (x + (x >> 4)) & 0x0F0F0F0F0F0F0F0F
+    return ((x * 0x0101010101010101) >> 56).to(tl.int32)
+
+
+@triton.jit
+def token_rank_columns(bits, experts, ranks, r, compact):
+    """(BM, N) columns of h[t, experts[n], ranks[n]] within a member's block of h: expert * r + rank, or, when
+    compact (top-k with one A per expert: only selected experts are kept, in expert order), slot * r + rank with
+    slot the number of the token's selected experts below the expert."""
+    if compact:
+        below = bits[:, None] & ((1 << experts.to(tl.int64)[None, :]) - 1)
+        cols = popcount(below) * r + ranks[None, :]
+    else:
+        cols = (experts * r + ranks)[None, :] + tl.zeros_like(bits)[:, None].to(tl.int32)
+    return cols
+
+
+@triton.jit
+def chunk_rank_columns(bits, e, j, r, compact):
+    """(BM, EC, RCH) columns of h[t, e, j] within a member's block of h (see token_rank_columns)."""
+    if compact:
+        below = bits[:, None] & ((1 << e.to(tl.int64)[None, :]) - 1)
+        cols = (popcount(below) * r)[:, :, None] + j[None, None, :]
+    else:
+        cols = (e[:, None] * r + j[None, :])[None, :, :] + tl.zeros_like(bits)[:, None, None].to(tl.int32)
+    return cols
+
+
+@triton.jit
 def any_expert_selected(union, first_expert, EC: tl.constexpr):
     """Whether any token of the block selected one of the experts first_expert .. first_expert + EC - 1 (EC < 64)."""
     return ((union >> first_expert.to(tl.int64)) & ((1 << EC) - 1)) != 0
@@ -173,24 +206,25 @@ def chunk_experts_ranks(chunk, rank_blocks, E, r, EC: tl.constexpr, RCH: tl.cons
 @triton.jit
 def chunk_rank_and_gates(h_ptr, gates_ptr, bits, rows64, row_ok, h_stride, h_col0, e, j, e_ok, j_ok, r, E,
                          gated, selective, HYDRA: tl.constexpr):
-    """(h3, g) of a block of tokens for one chunk, each address loaded once: h3 (BM, EC or 1, RCH) holds
-    h[t, e*r + j] (Hydra: h[t, j], the same for every expert), g (BM, EC) the gates (1 when not gated). Under top-k
-    the per-expert blocks of unselected experts are not loaded (their gate is 0 and nothing needs them)."""
+    """(h3, g, cols, ok) of a block of tokens for one chunk, each address loaded once: h3 (BM, EC or 1, RCH) holds
+    h[t, e, j] (Hydra: h[t, j], the same for every expert), g (BM, EC) the gates (1 when not gated), cols and ok the
+    columns of h3's elements within the member's block of h (see token_rank_columns) and where they exist. Under top-k
+    the per-expert blocks of unselected experts are neither stored nor loaded (their gate is 0)."""
     if HYDRA:
-        h3 = tl.load(h_ptr + rows64[:, None] * h_stride + h_col0 + j[None, :],
-                     mask=row_ok[:, None] & j_ok[None, :], other=0.0).to(tl.float32)[:, None, :]
+        cols = j[None, None, :]
+        ok = row_ok[:, None, None] & j_ok[None, None, :]
     else:
-        ok = row_ok[:, None] & e_ok[None, :]
+        cols = chunk_rank_columns(bits, e, j, r, selective)
+        e_sel = row_ok[:, None] & e_ok[None, :]
         if selective:
-            ok = ok & expert_bits(bits, e)
-        cols = e[:, None] * r + j[None, :]
-        h3 = tl.load(h_ptr + rows64[:, None, None] * h_stride + h_col0 + cols[None, :, :],
-                     mask=ok[:, :, None] & j_ok[None, None, :], other=0.0).to(tl.float32)
+            e_sel = e_sel & expert_bits(bits, e)
+        ok = e_sel[:, :, None] & j_ok[None, None, :]
+    h3 = tl.load(h_ptr + rows64[:, None, None] * h_stride + h_col0 + cols, mask=ok, other=0.0).to(tl.float32)
     if gated:
         g = tl.load(gates_ptr + rows64[:, None] * E + e[None, :], mask=row_ok[:, None] & e_ok[None, :], other=0.0)
     else:
         g = tl.where(row_ok[:, None] & e_ok[None, :], 1.0, 0.0)
-    return h3, g
+    return h3, g, cols, ok
 
 
 @triton.jit

@@ -88,13 +88,20 @@ class AdapterSpec:
     d_outs: Tuple[int, ...]
     routed: bool
 
-    def rank_columns(self, s: Setting) -> int:
-        """Width of one member's rank activation h = drop(x) A^T."""
+    def a_rows(self, s: Setting) -> int:
+        """Rows of one member's A: r (Hydra, plain LoRA) or E*r (one A per expert)."""
         return s.rank if (s.hydra or not self.routed) else s.num_experts * s.rank
+
+    def rank_columns(self, s: Setting) -> int:
+        """Width of what backward needs of one member's rank activation h = drop(x) A^T: r (Hydra), E*r (one A per
+        expert), or k*r under top-k with one A per expert (an unselected expert's block meets a gate of 0)."""
+        if self.routed and not s.hydra and s.top_k is not None:
+            return min(s.top_k, s.num_experts) * s.rank
+        return self.a_rows(s)
 
     def weight_elements(self, s: Setting) -> int:
         router = s.num_experts * (self.d_in + 1) if self.routed else 0
-        a_rows = self.rank_columns(s)
+        a_rows = self.a_rows(s)
         b_cols = s.num_experts * s.rank if self.routed else s.rank
         return router + sum(a_rows * self.d_in + d_out * b_cols for d_out in self.d_outs)
 
@@ -171,7 +178,7 @@ def build_problem(w: Workload, seed: int = 0, device: str = "cpu") -> Problem:
     inputs, weights, grads = {}, [], []
     for a in w.adapters():
         x = rand(T, a.d_in)
-        A = [rand(a.rank_columns(s), a.d_in, scale=a.d_in ** -0.5) for _ in a.d_outs]
+        A = [rand(a.a_rows(s), a.d_in, scale=a.d_in ** -0.5) for _ in a.d_outs]
         B = [rand(d_out, s.num_experts * s.rank if a.routed else s.rank, scale=0.01) for d_out in a.d_outs]
         # in a model a base is a frozen Linear's output: its gradient is dy itself, consumed by that GEMM's backward;
         # a leaf base that requires grad would make autograd clone dy into .grad, a copy no model makes

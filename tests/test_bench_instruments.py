@@ -252,6 +252,18 @@ def test_minimum_traffic_of_a_group_by_hand():
     assert minimum_traffic_bytes(w, "both") == sum(minimum_traffic_bytes(w, p) for p in ("forward", "backward"))
 
 
+def test_minimum_of_per_expert_top_k_keeps_the_selected_experts_rank_blocks():
+    """One A per expert under top-1 of 4: backward needs h of the selected expert only, (T, r) per member, while A
+    still has E*r rows."""
+    w = Workload(TINY, Setting(num_experts=4, rank=2, hydra=False, top_k=1, dropout_p=0.0), tokens=4, scope="group")
+    T, d, outs, E, r = 4, 8, (8, 4, 4), 4, 2
+    x, ys, hs = T * d * F32, T * sum(outs) * F32, 3 * T * 1 * r * F32
+    weights = (E * (d + 1) + 3 * E * r * d + sum(outs) * E * r) * F32
+    routing = T * E * F32
+    assert minimum_saved_bytes(w) == x + hs + routing
+    assert minimum_traffic_bytes(w, "forward") == x + weights + 2 * ys + hs + 3 * routing
+
+
 def test_minimum_of_a_layer_adds_its_four_adapter_ops():
     layer = Workload(TINY, TINY_SETTING, tokens=4, scope="layer")
     group = Workload(TINY, TINY_SETTING, tokens=4, scope="group")

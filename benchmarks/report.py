@@ -113,7 +113,8 @@ def _plain(v) -> str:
 
 
 MEMORY_COLUMNS = [
-    ("model", "model", _plain), ("scope", "scope", _plain), ("T", "tokens", _plain), ("hydra", "hydra", _plain),
+    ("model", "model", _plain), ("scope", "scope", _plain), ("T", "tokens", _plain), ("E", "experts", _plain),
+    ("r", "rank", _plain), ("hydra", "hydra", _plain),
     ("routing", "routing", _plain), ("impl", "implementation", _plain), ("phase", "phase", _plain),
     ("saved MB", "saved_bytes", _mb), ("saved/min", "saved_ratio", _x), ("naive/saved", "saved_vs_naive", _x),
     ("launches", "launches", _plain), ("kernels", "kernel_launches", _plain),
@@ -154,7 +155,7 @@ def format_table(rows: Iterable[Dict[str, object]], columns, markdown: bool = Fa
 
 def tables(rows: List[Dict[str, object]], markdown: bool = False) -> str:
     """A table per kind of row: decoder-layer times, memory/traffic/launches, op times."""
-    memory = [r for r in rows if r["section"] in ("paper", "scaling", "variants")]
+    memory = [r for r in rows if r["section"] in ("paper", "scaling", "variants", "rank")]
     timing = [r for r in rows if r["section"] == "speedup"]
     layer = [r for r in rows if r["section"] == LAYER_SECTION]
     out = []
@@ -276,6 +277,52 @@ def plot_speedup(rows: List[Dict[str, object]], path: str) -> Optional[str]:
                  f"({'GPU time' if timing[0].get('gpu_s') else 'CPU wall time'})", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+_RANK_SERIES = [("reference", "traffic_ratio", "naive loop"), ("torch", "traffic_ratio", "torch backend"),
+                ("triton", "traffic_ratio", "triton, as issued"), ("triton", "dram_ratio", "triton, L2 model")]
+
+
+def plot_rank(rows: List[Dict[str, object]], path: str) -> Optional[str]:
+    """Traffic over the minimum (forward + backward) vs E*r, one panel per (Hydra or not, routing)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rank = [dict(r, er=r["experts"] * r["rank"]) for r in rows if r["section"] == "rank" and r["phase"] == "both"]
+    variants = sorted({(r["hydra"], r["routing"]) for r in rank}, key=lambda v: (not v[0], v[1]))
+    if not variants:
+        return None
+    fig, axes = plt.subplots(1, len(variants), figsize=(4.2 * len(variants), 4.2), squeeze=False, sharey=True)
+    for ax, (hydra, routing) in zip(axes[0], variants):
+        for impl, key, label in _RANK_SERIES:
+            picked = sorted((r for r in rank if (r["implementation"], r["hydra"], r["routing"]) == (impl, hydra, routing)
+                             and r.get(key) is not None), key=lambda r: (r["er"], r["experts"]))
+            if not picked:
+                continue
+            line, = ax.plot([r["er"] for r in picked if r["experts"] == picked[0]["experts"]],
+                            [r[key] for r in picked if r["experts"] == picked[0]["experts"]], marker="o", label=label)
+            others = [r for r in picked if r["experts"] != picked[0]["experts"]]  # other E at the same E*r
+            ax.plot([r["er"] for r in others], [r[key] for r in others], "s", color=line.get_color())
+            for r in others:
+                ax.annotate(f"E {r['experts']}", (r["er"], r[key]), fontsize=7, textcoords="offset points",
+                            xytext=(4, -3))
+        ax.axhline(1.0, color="k", lw=0.8, ls="--")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("E * r")
+        ax.set_title(f"{'Hydra' if hydra else 'per-expert A'}, {routing}", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel("traffic / minimum (forward + backward)")
+    axes[0][0].legend(fontsize=7)
+    r0 = rank[0]
+    fig.suptitle(f"{r0['scope']} of {r0['model']}, T {r0['tokens']}, E {r0['experts']} (squares: other E), "
+                 f"dropout {r0['dropout']}, {r0['dtype']} (counted bytes)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

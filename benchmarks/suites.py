@@ -10,6 +10,8 @@ paper-cpu  the acceptance point as the interpreter counts it here (about an hour
          are regenerated in registers; the default suite shows both).
 scaling-cpu  the routed group at T 256 .. 4096 (octaves), dropout 0: the linear-in-T plot up to the acceptance point.
 variants-cpu  the routed group at T 1024, dropout 0, Hydra or per-expert A x top-2 or soft routing.
+rank-cpu  the routed group at E*r 128 .. 1024 (E 8, r 16 .. 128; and E 64, r 16), Hydra or per-expert A x top-2 or
+         soft routing, T 256, dropout 0: traffic and saved bytes against E*r.
 llama-cpu  LLaMA-3-8B shapes, routed group at T 256 and decoder layer at T 64 (minutes).
 full     paper + LLaMA-3-8B shapes, T up to 16k (torch paths; triton to 4096), E 2..64 x r 4..64,
          Hydra on/off, soft/top-2, torch.compile.
@@ -88,6 +90,10 @@ def _suites() -> Dict[str, List[object]]:
         # the routing variants' bytes: Hydra or per-expert A, top-2 or soft, the group at T 1024 (8 min)
         "variants-cpu": [Case("variants", Workload(QWEN2_1_5B, replace(v, dropout_p=0.0), 1024, "group"),
                               MEMORY_IMPLS, memory=True, timing=False) for v in variants],
+        # E*r 128 .. 1024 with 8 experts (r 16 .. 128), and 64 experts of rank 16, every variant (the rank tiling)
+        "rank-cpu": [Case("rank", Workload(QWEN2_1_5B, replace(v, num_experts=e, rank=r, dropout_p=0.0), 256, "group"),
+                          MEMORY_IMPLS, memory=True, timing=False)
+                     for e, r in ((8, 16), (8, 32), (8, 64), (8, 128), (64, 16)) for v in variants],
         # LLaMA-3-8B shapes at interpreter-sized T, paper setting with dropout 0.1
         "llama-cpu": _paper_point(256, ("group",), model=LLAMA3_8B) + _paper_point(64, ("layer",), model=LLAMA3_8B),
         "quick": _paper_point(64, ("group",)) + _scaling([32]) + _speedup(64, [(2, 4), (8, 8)], [PAPER], timed),

@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from .autograd import make_plan, member_dtypes, run_backward, run_forward
-from .launch import observe_launches
+from .launch import MAX_REGISTERS, observe_launches
 from .plan import KERNEL_DTYPES, KernelConfig, Shape, configuration_space
 
 # Hardware limits per target: registers per thread, registers per SM, shared memory per block (bytes).
@@ -115,8 +115,9 @@ def jit_compile_inputs(kernel, args: dict, constexprs: dict, num_warps: int, arc
 
     backend = make_backend(GPUTarget("cuda", arch, 32))
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-    bound, specialization, options = binder(**args, **constexprs, num_warps=num_warps)
-    return kernel._pack_args(backend, {"num_warps": num_warps}, bound, specialization, options)
+    options = dict(num_warps=num_warps, maxnreg=MAX_REGISTERS)  # what launch() passes
+    bound, specialization, _ = binder(**args, **constexprs, **options)
+    return kernel._pack_args(backend, options, bound, specialization, options)
 
 
 def specialization_key(name: str, kernel, args: dict, constexprs: dict, num_warps: int) -> str:

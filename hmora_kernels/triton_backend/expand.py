@@ -41,7 +41,7 @@ def expand_kernel(
     n_ok = n < d_out
     h_col0 = (member0 + m) * HS
     KE = E * r
-    _, e, j, e_ok, j_ok = chunk_experts_ranks(0, rank_blocks, E, r, EC, RCH)
+    e0, e, j, e_ok, j_ok = chunk_experts_ranks(0, rank_blocks, E, r, EC, RCH)
     b_first = load_b_chunk(b_ptr, n, n_ok, e, j, e_ok, j_ok, KE, r, EC, RCH)
     for t0 in range(t_begin, t_end, BM):
         rows, row_ok, rows64 = token_rows(t0, t_end, BM)
@@ -53,8 +53,8 @@ def expand_kernel(
                 b = b_first
                 if chunk > 0:
                     b = load_b_chunk(b_ptr, n, n_ok, e, j, e_ok, j_ok, KE, r, EC, RCH)
-                h3, g, _, _ = chunk_rank_and_gates(h_ptr, gates_ptr, bits, rows64, row_ok, h_stride, h_col0, e, j,
-                                                   e_ok, j_ok, r, E, gated, selective, HYDRA)
+                h3, g, h_cols, h_ok = chunk_rank_and_gates(h_ptr, gates_ptr, bits, rows64, row_ok, h_stride, h_col0,
+                                                           e, j, e_ok, j_ok, r, E, gated, selective, HYDRA)
                 y += tl.dot(gated_operand(h3, g, EC, RCH), b, input_precision=FP32_DOT)
         y = y * scaling
         out = rows64[:, None] * d_out + n[None, :]

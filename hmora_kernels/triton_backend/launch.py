@@ -8,6 +8,9 @@ from typing import Callable, List, Sequence
 from .plan import LAUNCH_MEMBERS
 
 _observers: List[Callable] = []
+# Registers per thread ptxas may use (the hardware's 255). Without it ptxas sometimes caps a kernel of 8 warps at 128
+# registers, for occupancy, and spills rather than use the registers it has.
+MAX_REGISTERS = 255
 
 
 def launch(kernel, grid, args: dict, constexprs: dict, num_warps: int) -> None:
@@ -16,7 +19,7 @@ def launch(kernel, grid, args: dict, constexprs: dict, num_warps: int) -> None:
     for observe in _observers:
         skip = observe(kernel, grid, args, constexprs, num_warps) or skip
     if not skip:
-        kernel[grid](**args, **constexprs, num_warps=num_warps)
+        kernel[grid](**args, **constexprs, num_warps=num_warps, maxnreg=MAX_REGISTERS)
 
 
 def member_tuple(values: Sequence, length: int = LAUNCH_MEMBERS) -> tuple:

@@ -107,7 +107,7 @@ TILES = {
     "shrink_route": {"tf32": Blocks(32, 16, 8), "ieee": Blocks(32, 16, 8)},
     "expand": {"tf32": Blocks(32, 64, 8)},  # its one dot carries the gates: always 3xTF32
     "output_grad": {"tf32": Blocks(32, 32, 8), "ieee": Blocks(32, 32, 8)},
-    "rank_grad": {"tf32": Blocks(32, 32, 8), "ieee": Blocks(32, 32, 8)},
+    "rank_grad": {"tf32": Blocks(32, 32, 8), "ieee": Blocks(16, 16, 8)},
     "route_grad": {"tf32": Blocks(32, 0, 4)},
     "input_grad": {"tf32": Blocks(16, 16, 8), "ieee": Blocks(16, 16, 8)},
 }

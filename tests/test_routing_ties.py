@@ -58,12 +58,8 @@ def test_saturated_router_takes_the_winner_then_the_lowest_zero(backend, renorm)
         assert (gates[t, others] == 0).all()
 
 
-# strict: the day the fused kernels follow the NaN rule, this xfail fails and must go
-NAN_BACKENDS = ["reference", "torch", pytest.param("triton", marks=pytest.mark.xfail(
-    strict=True, reason="the fused kernels do not order NaN first yet (kernels work package)"))]
-
-
-@pytest.mark.parametrize("backend", NAN_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # NaN is the input
 def test_nan_rows_select_nan_first_and_gate_nan_there(backend):
     rows = torch.tensor([
         [0.05, 0.10, NAN, 0.20, 0.15, 0.05, NAN, 0.10],   # two NaN: both first (by index), then the largest number

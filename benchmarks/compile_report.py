@@ -56,8 +56,13 @@ def main(argv=None) -> int:
     if not args.all:
         jobs = tier_jobs(jobs)
     work = [(job, arch) for job in jobs for arch in ARCHS]
+    print(f"compile_report: {len(jobs)} kernels x {len(ARCHS)} targets = {len(work)} compiles", file=sys.stderr)
+    rows = []
     with ProcessPoolExecutor(max_workers=max(1, args.workers)) as pool:
-        rows = list(pool.map(_compile, work, chunksize=4))
+        for row in pool.map(_compile, work, chunksize=4):
+            rows.append(row)
+            if len(rows) % 20 == 0 or len(rows) == len(work):  # progress for a run of an hour
+                print(f"compile_report: {len(rows)}/{len(work)} compiled", file=sys.stderr, flush=True)
     if args.json:
         print(json.dumps(rows))
     else:

@@ -194,11 +194,12 @@ def test_route_delegates_to_the_torch_backend():
         assert torch.equal(a, b)
 
 
-def _group(E, r, members=1, hydra=False, dtype=F32):
+def _group(E, r, members=1, hydra=False, dtype=F32, d_out=8):
     D = 16
     rows = r if hydra else E * r
     return dict(x=torch.randn(4, D, dtype=dtype), members_A=[torch.randn(rows, D)] * members,
-                members_B=[torch.randn(8, E * r)] * members, scaling=1.0, router_weight=torch.randn(E, D))
+                members_B=[torch.zeros(1, E * r).expand(d_out, E * r)] * members, scaling=1.0,
+                router_weight=torch.randn(E, D))
 
 
 @pytest.mark.parametrize("args,message", [
@@ -206,7 +207,9 @@ def _group(E, r, members=1, hydra=False, dtype=F32):
     (_group(E=1, r=129), r"rank r = 129 exceeds the kernels' limit 128.*backend='torch'"),
     (_group(E=16, r=65, hydra=True), r"E\*r = 16\*65 = 1040 exceeds the kernels' limit 1024.*backend='torch'"),
     (_group(E=2, r=4, dtype=torch.float64), r"x is torch.float64; the kernels take float32, float16 or bfloat16"),
-], ids=["E", "r", "E*r", "float64"])
+    # a stride-0 B: the limit is checked before anything reads it
+    (_group(E=2, r=4, members=2, d_out=2 ** 24), r"d_out = 16777216 exceeds the kernels' limit 16777215.*backend='torch'"),
+], ids=["E", "r", "E*r", "float64", "d_out"])
 def test_inputs_beyond_the_kernels_limits_name_the_limit_and_the_fix(args, message):
     with pytest.raises(ValueError, match=message):
         hk.routed_group(args.pop("x"), args.pop("members_A"), args.pop("members_B"), args.pop("scaling"),

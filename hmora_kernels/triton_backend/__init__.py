@@ -70,7 +70,7 @@ def routed_group(
         raise ValueError(f"backend='triton': the fused kernels do not do rule={type(rule).__name__} yet; "
                          f"use backend='torch'")
     _check_device(x)
-    check_limits(shape.num_experts, shape.rank, x.dtype)
+    check_limits(shape.num_experts, shape.rank, x.dtype, tuple(B.shape[0] for B in members_B))
     if kind == "task":
         router_weight = router_bias = router_logits = None
     seed, seed_tensor = _seed_args(seed, x)
@@ -91,7 +91,7 @@ def routed_group(
 def lora(x, A, B, scaling, *, dropout_p=0.0, seed=0, dropout_rng="philox", base=None, reuse_base=False):
     """y = base + s * (drop(x) A^T) B^T: the routed group with one member, one expert and no router."""
     _check_device(x)
-    check_limits(1, A.shape[0], x.dtype)
+    check_limits(1, A.shape[0], x.dtype, (B.shape[0],))
     seed, seed_tensor = _seed_args(seed, x)
     out = routed_group_forward(
         x, [A], [B], [] if base is None else [base], None, None, None, None, None, seed_tensor, float(scaling), 1,

@@ -32,9 +32,8 @@ def member_tuple(values: Sequence, length: int = LAUNCH_MEMBERS) -> tuple:
 def member_sizes(values: Sequence[int], length: int = LAUNCH_MEMBERS) -> tuple:
     """A kernel's member tuple of sizes, as floats (exact below 2^24): Triton specialises integers inside tuples on
     their values (1 becomes a constant, multiples of 16 get a divisibility hint), which would make the compiled
-    kernel depend on the shapes; floats it passes as they are. The kernels convert back with `member_int`."""
-    if max(values) >= 2 ** 24:
-        raise ValueError(f"triton backend: a member size {max(values)} does not fit the kernels' 2^24 limit")
+    kernel depend on the shapes; floats it passes as they are. The kernels convert back with `member_int`.
+    plan.check_limits keeps every size below 2^24 (plan.MAX_OUT_FEATURES)."""
     return tuple(float(v) for v in member_tuple(values, length))
 
 

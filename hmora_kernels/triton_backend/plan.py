@@ -20,6 +20,7 @@ MAX_EXPERTS = 64        # routing in one (rows, 64) register tile; a token's sel
 MAX_RANK = 128          # r
 MAX_RANK_WIDTH = 1024   # E * r
 LAUNCH_MEMBERS = 8      # members per launch (the kernels take pointer tuples of this length); more take more launches
+MAX_OUT_FEATURES = 2 ** 24 - 1  # a member's d_out: member sizes travel as floats, exact below 2^24 (launch.member_sizes)
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 KIND_CODES = {"token": 0, "task": 1, "hybrid": 2, "none": 3}  # "none": plain LoRA, no router, gates = 1
@@ -200,8 +201,11 @@ def configuration_space() -> Iterator[Tuple[KernelConfig, Shape, bool, bool]]:
                                     yield config, shape, deterministic, routed
 
 
-def check_limits(E: int, r: int, x_dtype: Optional[torch.dtype] = None) -> None:
+def check_limits(E: int, r: int, x_dtype: Optional[torch.dtype] = None, d_outs: Tuple[int, ...] = ()) -> None:
     fix = "use backend='torch' (same signature) for this layer"
+    if d_outs and max(d_outs) > MAX_OUT_FEATURES:
+        raise ValueError(f"triton backend: a member's d_out = {max(d_outs)} exceeds the kernels' limit "
+                         f"{MAX_OUT_FEATURES}; {fix}")
     if E > MAX_EXPERTS:
         raise ValueError(f"triton backend: E = {E} experts exceeds the kernels' limit {MAX_EXPERTS}; {fix}")
     if r > MAX_RANK:

@@ -50,29 +50,26 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("compile_report: unset TRITON_INTERPRET (kernels must be decorated for compilation)", file=sys.stderr)
         return 2
-    from hmora_kernels.triton_backend.aot import ARCHS, all_jobs, tier_jobs
+    from hmora_kernels.triton_backend.aot import ARCHS, all_jobs, register_pressure, tier_jobs
 
-    jobs = all_jobs()
-    if not args.all:
-        jobs = tier_jobs(jobs)
+    # the heaviest first: a run stopped early has checked the configurations most likely to spill
+    jobs = sorted(all_jobs() if args.all else tier_jobs(all_jobs()), key=register_pressure, reverse=True)
     work = [(job, arch) for job in jobs for arch in ARCHS]
     print(f"compile_report: {len(jobs)} kernels x {len(ARCHS)} targets = {len(work)} compiles", file=sys.stderr)
+    if not args.json:
+        print(f"{'kernel':20s} {'arch':6s} {'warps':>5s} {'REG':>4s} {'SHARED':>7s} {'SPILL':>5s}  constexprs / group")
     rows = []
     with ProcessPoolExecutor(max_workers=max(1, args.workers)) as pool:
         for row in pool.map(_compile, work, chunksize=4):
             rows.append(row)
-            if len(rows) % 20 == 0 or len(rows) == len(work):  # progress for a run of an hour
+            if not args.json:  # row by row: a run of an hour keeps what it compiled
+                flag = f"  !! {row['violation']}" if row["violation"] else ""
+                consts = " ".join(f"{k}={v}" for k, v in sorted(row["constexprs"].items()))
+                print(f"{row['kernel']:20s} {row['arch']:6s} {row['num_warps']:5d} {row['reg']:4d} {row['shared']:7d} "
+                      f"{row['local'] + row['stack']:5d}  {consts} / {row['config']}{flag}", flush=True)
+            if len(rows) % 20 == 0 or len(rows) == len(work):
                 print(f"compile_report: {len(rows)}/{len(work)} compiled", file=sys.stderr, flush=True)
-    if args.json:
-        print(json.dumps(rows))
-    else:
-        print(f"{'kernel':20s} {'arch':6s} {'warps':>5s} {'REG':>4s} {'SHARED':>7s} {'SPILL':>5s}  constexprs / group")
-        for row in rows:
-            flag = f"  !! {row['violation']}" if row["violation"] else ""
-            consts = " ".join(f"{k}={v}" for k, v in sorted(row["constexprs"].items()))
-            print(f"{row['kernel']:20s} {row['arch']:6s} {row['num_warps']:5d} {row['reg']:4d} {row['shared']:7d} "
-                  f"{row['local'] + row['stack']:5d}  {consts} / {row['config']}{flag}")
-        print(summary(rows))
+    print(json.dumps(rows) if args.json else summary(rows))
     return 1 if any(row["violation"] for row in rows) else 0
 
 

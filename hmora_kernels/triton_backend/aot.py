@@ -203,8 +203,8 @@ def uncovered_launches(specs) -> List[str]:
     return missing
 
 
-def _pressure(job: Job):
-    """Ordering for the CI subset: the largest tiles and fp32 everywhere first (most registers)."""
+def register_pressure(job: Job):
+    """Ordering by likely register demand: the largest tiles and fp32 everywhere first."""
     c = job.config.as_dict()
     width = c.get("HC", 0) * c.get("MG", 0) + c.get("EC", 0) * c.get("RCH", 0)
     rep = job.rep
@@ -216,7 +216,7 @@ def tier_jobs(jobs: List[Job]) -> List[Job]:
     best: Dict[tuple, Job] = {}
     for job in jobs:
         tier = job.config.tier
-        if tier not in best or _pressure(job) > _pressure(best[tier]):
+        if tier not in best or register_pressure(job) > register_pressure(best[tier]):
             best[tier] = job
     return list(best.values())
 

@@ -71,12 +71,18 @@ LARGE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", LARGE_CASES, ids=str)
-def test_large_groups_match_reference(case):
+def triton_matches_reference(case):
+    """Runs the case on the float64 reference and on triton, asserts they agree; (problem, triton's gradients)."""
     problem = make_problem(case)
     expected_values, expected_grads = run_group(case, problem, "reference", as_float64=True)
     values, grads = run_group(case, problem, "triton")
     assert_matches_reference(case, values, grads, expected_values, expected_grads)
+    return problem, grads
+
+
+@pytest.mark.parametrize("case", LARGE_CASES, ids=str)
+def test_large_groups_match_reference(case):
+    triton_matches_reference(case)
 
 
 def test_members_of_different_dtypes_take_one_launch_group_each():
@@ -108,10 +114,7 @@ def assert_matches_reference(case, values, grads, expected_values, expected_grad
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_routed_group_matches_reference(case):
-    problem = make_problem(case)
-    expected_values, expected_grads = run_group(case, problem, "reference", as_float64=True)
-    values, grads = run_group(case, problem, "triton")
-    assert_matches_reference(case, values, grads, expected_values, expected_grads)
+    problem, grads = triton_matches_reference(case)
     for name, leaf in problem.leaves().items():
         assert grads[name].dtype == leaf.dtype, f"grad {name}: {grads[name].dtype} for a {leaf.dtype} input"
 

@@ -7,7 +7,10 @@ with the most register demand, which is what CI runs; `--all` compiles every con
 planner can choose inside the kernels' limits: 561 distinct compiled kernels (137 configurations x the dtype
 signatures each admits, deduplicated by the JIT's specialisation key) x 2 targets = 1,122 compiles, 1.3 to 5
 CPU-seconds each (the heaviest first): most of an hour of CPU.
-Run: `python -m benchmarks.compile_report [--all] [--json]`. TRITON_INTERPRET must not be set in this process.
+`--rules` compiles the launches of the routing rules (Switch, TopP, RankWise) at the paper setting and SMoRA's: the
+same kernels (the rules are run-time arguments), shown by themselves.
+Run: `python -m benchmarks.compile_report [--all | --rules] [--json]`.
+TRITON_INTERPRET must not be set in this process.
 """
 from __future__ import annotations
 
@@ -46,16 +49,23 @@ def summary(rows) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--all", action="store_true", help="every configuration the planner can choose (slow)")
+    parser.add_argument("--rules", action="store_true",
+                        help="the launches of the routing rules (Switch, TopP, RankWise) at the paper setting and "
+                             "SMoRA's; kernels of the enumeration, the rules being run-time arguments")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("compile_report: unset TRITON_INTERPRET (kernels must be decorated for compilation)", file=sys.stderr)
         return 2
-    from hmora_kernels.triton_backend.aot import ARCHS, all_jobs, register_pressure, tier_jobs
+    from hmora_kernels.triton_backend.aot import (
+        ARCHS, all_jobs, launch_jobs, register_pressure, rule_groups, tier_jobs,
+    )
 
-    # the heaviest first: a run stopped early has checked the configurations most likely to spill
-    jobs = sorted(all_jobs() if args.all else tier_jobs(all_jobs()), key=register_pressure, reverse=True)
+    if args.rules:
+        jobs = launch_jobs(rule_groups())
+    else:  # the heaviest first: a run stopped early has checked the configurations most likely to spill
+        jobs = sorted(all_jobs() if args.all else tier_jobs(all_jobs()), key=register_pressure, reverse=True)
     work = [(job, arch) for job in jobs for arch in ARCHS]
     print(f"compile_report: {len(jobs)} kernels x {len(ARCHS)} targets = {len(work)} compiles", file=sys.stderr)
     if not args.json:

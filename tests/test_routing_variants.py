@@ -3,8 +3,9 @@
 
 Hand-computed cases go through `routed_group`, the op the fused kernels implement (router logits log(p) + 1, whose
 softmax is p, or task probabilities p for exact values), in every backend that does the rules; then the reference's
-float64 gradients (gradcheck), the torch backend against the float64 reference (values, counts and every gradient,
-fp32 / fp16 / bf16), the variants' losses by hand, and the one-line errors."""
+float64 gradients (gradcheck), the torch and triton backends against the float64 reference (values, counts and every
+gradient, fp32 / fp16 / bf16; triton on smaller problems of its own, the interpreter being slow), the variants'
+losses by hand, and the one-line errors."""
 import math
 
 import pytest
@@ -16,7 +17,7 @@ import hmora_kernels as hk
 from group_cases import GroupCase, make_problem, run_group
 from tolerances import assert_close
 
-BACKENDS = ["reference", "torch"]  # the fused kernels refuse the rules for now (test_triton_refuses_the_rules)
+BACKENDS = ["reference", "torch", "triton"]  # triton: the fused kernels, in the interpreter
 F16, BF16, F32, D64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 D_IN = 32
 
@@ -325,11 +326,44 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=str)
-def test_torch_matches_reference(case):
+# The fused kernels in the interpreter: small T (32-64) and d_in 32, each case for a path of the kernels.
+TRITON_CASES = [
+    GroupCase("switch, capacity 2 of 32-token sequences (drops), left padding, hybrid, Hydra, dropout", T=64, d_in=32,
+              d_outs=[32, 16], E=8, r=4, hydra=True, kind="hybrid", n_seq=2, padded=True, rule=hk.Switch(capacity=2),
+              dropout_p=0.1),
+    GroupCase("switch with capacity, one A per expert (h keeps the top-1 block; dropped tokens none), fp16", T=64,
+              d_in=32, d_outs=[32], E=8, r=4, n_seq=2, padded=True, rule=hk.Switch(capacity=3), dtype=F16),
+    GroupCase("switch with capacity, bf16 activations, fp32 parameters, q/k/v", T=64, d_in=32, d_outs=[32, 16, 16],
+              E=8, r=4, n_seq=2, rule=hk.Switch(capacity=2), dtype=BF16, param_dtype=F32),
+    GroupCase("switch in a task-only layer, no capacity", T=32, d_in=32, d_outs=[16], E=4, r=4, kind="task",
+              n_seq=2, rule=hk.Switch()),
+    GroupCase("top-p, DynMoLE defaults, gate/up pair", T=64, d_in=32, d_outs=[32, 32], E=8, r=4, rule=hk.TopP()),
+    GroupCase("top-p in a hybrid layer with padding, Hydra, keep_top_k 1, top_p 0.5", T=64, d_in=32, d_outs=[32],
+              E=8, r=4, hydra=True, kind="hybrid", n_seq=2, padded=True, rule=hk.TopP(top_p=0.5, keep_top_k=1)),
+    GroupCase("top-p in a task-only layer, Shannon entropy (q = 1)", T=32, d_in=32, d_outs=[16], E=8, r=2,
+              kind="task", n_seq=2, rule=hk.TopP(entropy_index=1.0)),
+    GroupCase("top-p without the broadcast (threshold 1), E = 16 (the 16-wide routing tile), bf16", T=64, d_in=32,
+              d_outs=[16], E=16, r=2, rule=hk.TopP(entropy_threshold=1.0), dtype=BF16),
+    GroupCase("top-p, fp16, dropout, E = 24 (the 64-wide routing tile)", T=64, d_in=32, d_outs=[32], E=24, r=2,
+              rule=hk.TopP(), dtype=F16, dropout_p=0.1),
+    GroupCase("rank-wise: 16 rank-1 experts, 4 active, selection bias, padding, 2 members", T=64, d_in=32,
+              d_outs=[32, 16], E=16, r=1, n_seq=2, padded=True, rule=hk.RankWise(top_k=4)),
+    GroupCase("rank-wise at SMoRA's shape: 64 rank-1 experts (the expert limit), 8 active, dropout", T=32, d_in=32,
+              d_outs=[32], E=64, r=1, rule=hk.RankWise(top_k=8), dropout_p=0.1),
+    GroupCase("rank-wise, bf16 activations, fp32 parameters", T=64, d_in=32, d_outs=[32], E=32, r=1,
+              rule=hk.RankWise(top_k=3), dtype=BF16, param_dtype=F32),
+]
+
+
+@pytest.mark.parametrize("backend, case", [("torch", case) for case in CASES]
+                         + [("triton", case) for case in TRITON_CASES if "triton" in BACKENDS], ids=str)
+def test_backend_matches_reference(backend, case):
     problem = make_problem(case)
-    expected_values, expected_grads = run_group(case, problem, "reference", as_float64=True)
-    values, grads = run_group(case, problem, "torch")
+    assert_matches_reference(case, *run_group(case, problem, backend),
+                             *run_group(case, problem, "reference", as_float64=True))
+
+
+def assert_matches_reference(case, values, grads, expected_values, expected_grads):
     assert set(values) == set(expected_values)
     for name, expected in expected_values.items():
         if name.endswith("_counts"):
@@ -341,6 +375,23 @@ def test_torch_matches_reference(case):
     for name, expected in expected_grads.items():
         assert grads[name] is not None, f"no gradient reached {name}"
         assert_close(grads[name], expected, case.dtype, f"grad {name}")
+
+
+@pytest.mark.parametrize("case", [TRITON_CASES[1], TRITON_CASES[9]], ids=str)
+def test_triton_deterministic_mode_with_rules(case):
+    """torch.use_deterministic_algorithms(True): the atomic-free backward (rank_grad_kernel), where a dropped token
+    (no selected expert) has no rank block to write or read; two runs agree bit for bit, values and counts too, and
+    match the float64 reference."""
+    problem = make_problem(case)
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [run_group(case, problem, "triton") for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for kind, first, second in zip(("value", "grad"), runs[0], runs[1]):
+        for name in first:
+            assert torch.equal(first[name], second[name]), f"{kind} {name} differs between deterministic runs"
+    assert_matches_reference(case, *runs[0], *run_group(case, problem, "reference", as_float64=True))
 
 
 # ---- errors ----------------------------------------------------------------------------------------------------
@@ -391,11 +442,12 @@ def test_loss_argument_errors():
         hk.entropy_loss(p, 0.0)
 
 
-@pytest.mark.parametrize("rule", [hk.Switch(), hk.TopP(), hk.RankWise(top_k=2)], ids=lambda r: type(r).__name__)
-def test_triton_refuses_the_rules(rule):
-    """Nothing falls back silently: the fused kernels name the backend that does the rule."""
+def test_triton_refuses_rank_wise_beyond_its_expert_limit():
+    """Rank-wise experts are E*r rank-1 experts of the fused kernels, which route at most 64 experts per token: more
+    is refused in one line naming the limit and the backend that does it (nothing falls back silently)."""
     pytest.importorskip("triton")
-    extra = {"selection_bias": torch.zeros(4)} if isinstance(rule, hk.RankWise) else {}
-    with pytest.raises(ValueError, match=f"do not do rule={type(rule).__name__} yet; use backend='torch'"):
-        hk.routed_group(torch.randn(6, 32), [torch.randn(8, 32)], [torch.randn(16, 8)], 1.0,
-                        router_weight=torch.randn(4, 32), rule=rule, backend="triton", **extra)
+    with pytest.raises(ValueError, match=r"E = 128 experts exceeds the kernels' limit 64; use backend='torch'") as info:
+        hk.routed_group(torch.randn(6, 32), [torch.randn(128, 32)], [torch.randn(16, 128)], 1.0,
+                        router_weight=torch.randn(128, 32), rule=hk.RankWise(top_k=8), selection_bias=torch.zeros(128),
+                        backend="triton")
+    assert "\n" not in str(info.value)

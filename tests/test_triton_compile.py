@@ -54,10 +54,12 @@ def test_every_tier_compiles_for_sm80_and_sm90_without_spills(planner_space):
 def test_sampled_groups_launch_only_configurations_the_check_compiles():
     """The compile check's jobs come from the planner's enumeration. Groups drawn wider than its representatives
     (up to 12 members in two launch groups, members and bases of mixed dtypes, every routing kind, router logits
-    given, any top-k, both modes and precisions) are recorded through the real launch code; every launch must be a
-    compiled kernel of the enumeration (the JIT's specialisation key), or the check misses what the GPU would run."""
-    code = ("import json; from hmora_kernels.triton_backend.aot import sampled_groups, uncovered_launches; "
-            "print(json.dumps(uncovered_launches(sampled_groups(30, seed=1))))")
+    given, any top-k, both modes and precisions, the routing rules) are recorded through the real launch code, and so
+    are the routing rules at the paper setting and SMoRA's (`rule_groups`, what `compile_report --rules` compiles);
+    every launch must be a compiled kernel of the enumeration (the JIT's specialisation key), or the check misses
+    what the GPU would run. The rules are run-time kernel arguments: they add no kernel."""
+    code = ("import json; from hmora_kernels.triton_backend.aot import rule_groups, sampled_groups, uncovered_launches; "
+            "print(json.dumps(uncovered_launches(sampled_groups(30, seed=1) + rule_groups())))")
     done = without_interpreter("-c", code, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     assert json.loads(done.stdout.strip().splitlines()[-1]) == []

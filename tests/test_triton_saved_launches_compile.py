@@ -121,6 +121,51 @@ def test_torch_compile_fullgraph_traces_the_custom_ops(hydra):
         torch.testing.assert_close(compiled_args["members_B"][m].grad, eager_args["members_B"][m].grad)
 
 
+def with_rule(args, rule):
+    """The group under a routing rule (two sequences, every token real)."""
+    return dict(args, top_k=None, rule=rule, token_mask=torch.ones(N_SEQ, T // N_SEQ))
+
+
+def test_switch_takes_the_same_launches_and_saves_the_top_1_block():
+    """Switch with a capacity: still 2 + 3 launches (the capacity is an integer pass on the device between the two
+    forward launches); with one A per expert each member's h keeps the chosen expert's block only (T, r)."""
+    args = with_rule(paper_group(hydra=False), hk.Switch(capacity=4))
+    with observe_launches() as forward:
+        out, saved = saved_for_backward(args, "triton")
+    with observe_launches() as backward:
+        (sum((y.float() ** 2).sum() for y in out.outputs) + out.gates.sum()).backward()
+    assert [name for name, *_ in forward] == ["shrink_route_kernel", "expand_kernel"]
+    assert [name for name, *_ in backward] == ["output_grad_kernel", "route_grad_kernel", "input_grad_kernel"]
+    assert (out.routed_counts > out.kept_counts).any()  # the capacity drops tokens here
+    params = [*args["members_A"], *args["members_B"], args["router_weight"], args["router_bias"],
+              args["task_probs"], args["alpha"]]
+    param_ptrs = {p.data_ptr() for p in params} | {args["x"].data_ptr()}
+    others = [t for t in saved if t.data_ptr() not in param_ptrs]
+    h_bytes = T * len(D_OUTS) * R * args["x"].element_size()
+    assert sum(t.numel() * t.element_size() for t in others) == h_bytes + 2 * T * E * 4 + T * 8
+
+
+def test_torch_compile_fullgraph_traces_a_routing_rule():
+    """The fake implementation describes a rule's outputs too (the routed and kept counts; one rule suffices: they
+    are described alike, and every rule runs in the same custom op)."""
+    rule, hydra = hk.Switch(capacity=4), False
+    def step(args):
+        out = call(args, "triton")
+        loss = sum((y.float() * y.float()).sum() for y in out.outputs) + (out.p_tok * out.gates).sum()
+        return loss, out.routed_counts, out.kept_counts
+
+    eager_args = with_rule(paper_group(torch.float32, hydra=hydra), rule)
+    compiled_args = with_rule(paper_group(torch.float32, hydra=hydra), rule)
+    eager = step(eager_args)
+    eager[0].backward()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(compiled_args)
+    compiled[0].backward()
+    for got, want in zip(compiled, eager):
+        torch.testing.assert_close(got, want)
+    for name in ("x", "router_weight", "router_bias", "task_probs", "alpha"):
+        torch.testing.assert_close(compiled_args[name].grad, eager_args[name].grad, msg=name)
+
+
 def test_cpu_tensors_without_the_interpreter_name_the_fix():
     code = (
         "import torch, hmora_kernels as hk\n"

@@ -15,9 +15,9 @@ import torch
 import triton
 
 from .. import torch_backend
-from ..types import GroupOutput
+from ..types import GroupOutput, RankWise
 from .autograd import routed_group_forward
-from .plan import check_limits, dot_precision
+from .plan import RuleArgs, check_limits, dot_precision
 from .shrink_route import shrink_route_kernel
 
 __all__ = ["lora", "route", "routed_group"]
@@ -65,19 +65,22 @@ def routed_group(
     Both dropout_rng modes draw the Philox stream of `seed` in registers (it is this backend's native generator);
     `seed` may be a Python int or a 1-element int64 tensor on x's device, which the kernels read themselves;
     the outputs are new tensors (reuse_bases permits, never obliges, writing into the bases).
-    token_mask only matters to the routing rules, which the kernels do not do yet."""
-    if rule is not None:
-        raise ValueError(f"backend='triton': the fused kernels do not do rule={type(rule).__name__} yet; "
-                         f"use backend='torch'")
+    Routing rules (hmora_kernels.types) run in the same kernels (run-time arguments, see plan.RuleArgs): Switch as
+    top-1 with the unrenormalised gate and its capacity applied between the two forward launches, TopP's selection
+    and entropy in registers, RankWise as top-k of sigmoid scores plus the selection bias, k-scaled sum gates."""
     _check_device(x)
     check_limits(shape.num_experts, shape.rank, x.dtype, tuple(B.shape[0] for B in members_B))
     if kind == "task":
         router_weight = router_bias = router_logits = None
     seed, seed_tensor = _seed_args(seed, x)
+    rule_args = RuleArgs.of(rule, shape.num_experts)
+    if isinstance(rule, RankWise):
+        top_k, renorm = rule.top_k, "sum"
     out = routed_group_forward(
         x, list(members_A), list(members_B), list(bases or []), router_weight, router_bias, router_logits,
-        task_probs, alpha, seed_tensor, float(scaling), shape.num_experts, shape.hydra, kind, top_k or 0, renorm,
-        float(dropout_p), seed, dot_precision(x.dtype),
+        task_probs, alpha, seed_tensor, token_mask, selection_bias, float(scaling), shape.num_experts, shape.hydra,
+        kind, rule_args.top_k(top_k or 0), renorm, float(dropout_p), seed, dot_precision(x.dtype),
+        rule_args.as_list(),
     )
     M = len(members_A)
     logits, p_tok, gates = out[M:M + 3]
@@ -85,7 +88,8 @@ def routed_group(
         logits = p_tok = None
     elif router_logits is not None:
         logits = router_logits  # as the reference: the given logits are returned as they are
-    return GroupOutput(list(out[:M]), logits, p_tok, gates)
+    counts = out[M + 5] if rule is not None else None
+    return GroupOutput(list(out[:M]), logits, p_tok, gates, *(() if counts is None else (counts[0], counts[1])))
 
 
 def lora(x, A, B, scaling, *, dropout_p=0.0, seed=0, dropout_rng="philox", base=None, reuse_base=False):
@@ -94,7 +98,8 @@ def lora(x, A, B, scaling, *, dropout_p=0.0, seed=0, dropout_rng="philox", base=
     check_limits(1, A.shape[0], x.dtype, (B.shape[0],))
     seed, seed_tensor = _seed_args(seed, x)
     out = routed_group_forward(
-        x, [A], [B], [] if base is None else [base], None, None, None, None, None, seed_tensor, float(scaling), 1,
-        False, "none", 0, "softmax", float(dropout_p), seed, dot_precision(x.dtype),
+        x, [A], [B], [] if base is None else [base], None, None, None, None, None, seed_tensor, None, None,
+        float(scaling), 1, False, "none", 0, "softmax", float(dropout_p), seed, dot_precision(x.dtype),
+        RuleArgs().as_list(),
     )
     return out[0]

@@ -24,7 +24,8 @@ import torch
 
 from .autograd import make_plan, member_dtypes, run_backward, run_forward
 from .launch import MAX_REGISTERS, observe_launches
-from .plan import KERNEL_DTYPES, KernelConfig, Shape, configuration_space
+from ..types import RankWise, Switch, TopP
+from .plan import KERNEL_DTYPES, KernelConfig, RuleArgs, Shape, configuration_space
 
 # Hardware limits per target: registers per thread, registers per SM, shared memory per block (bytes).
 LIMITS = {80: dict(reg=255, reg_file=65536, shared=163 * 1024), 90: dict(reg=255, reg_file=65536, shared=227 * 1024)}
@@ -56,6 +57,7 @@ class GroupSpec:
     precision: str = "tf32"
     T: int = 64
     d_in: int = 64
+    rule: Optional[object] = None             # a routing rule of hmora_kernels.types (run-time kernel arguments)
 
     def __str__(self) -> str:
         def names(dtypes):
@@ -64,7 +66,7 @@ class GroupSpec:
         return (f"E={self.E} r={self.r} {'Hydra' if self.hydra else 'per-expert A'} members={len(self.params)} "
                 f"{self.kind} top_k={self.top_k}{' logits in' if self.logits_in else ''} {self.precision}"
                 f"{' deterministic' if self.deterministic else ''} x={names([self.x])} params={names(self.params)} "
-                f"bases={names(self.bases) if self.bases else None}")
+                f"bases={names(self.bases) if self.bases else None}{f' rule={self.rule}' if self.rule else ''}")
 
 
 def representative(shape: Shape, deterministic: bool, routed: bool, dtypes) -> GroupSpec:
@@ -95,15 +97,20 @@ def recorded_launches(spec: GroupSpec):
     logits_in = _meta(T, E, dtype=F32) if uses_router and spec.logits_in else None
     task = _meta(4, E, dtype=F32) if spec.kind in ("task", "hybrid") else None
     alpha = _meta(1, dtype=F32) if spec.kind == "hybrid" else None
+    rule = RuleArgs.of(spec.rule, E)
+    top_k, renorm = (spec.rule.top_k, "sum") if isinstance(spec.rule, RankWise) else (spec.top_k, "softmax")
     plan = make_plan(x, As, Bs, bases, weight, bias, logits_in, task, None, 2.0, E, spec.hydra, spec.kind,
-                     spec.top_k, "softmax", 0.1, 1234, spec.precision, spec.deterministic)
+                     rule.top_k(top_k), renorm, 0.1, 1234, spec.precision, spec.deterministic,
+                     rule.as_list())
+    token_mask = _meta(4, T // 4, dtype=torch.int64) if spec.rule is not None else None
+    selection_bias = _meta(E, dtype=F32) if isinstance(spec.rule, RankWise) else None
     with observe_launches(record_only=True) as seen:
-        ys, logits, p_tok, gates, h, sel = run_forward(plan, x, As, Bs, bases, weight, bias, logits_in, task, alpha,
-                                                       None)
+        ys, logits, p_tok, gates, h, sel, _ = run_forward(plan, x, As, Bs, bases, weight, bias, logits_in, task,
+                                                          alpha, None, token_mask, selection_bias)
         dys = [_meta(T, d, dtype=dt) for d, dt in zip(d_outs, member_dtypes(x, As, Bs, bases)[1])]
         grad = _meta(T, E, dtype=F32) if routed else None
         run_backward(plan, dys, logits_in, grad if p_tok is not None else None, grad, x, As, Bs, weight, task, alpha,
-                     None, p_tok, gates, h, sel if plan.selective else None)
+                     None, p_tok, gates, h, sel if plan.selective else None, selection_bias)
     return tuple((name, kernel, args, constexprs, warps) for name, kernel, _, args, constexprs, warps in seen)
 
 
@@ -169,7 +176,8 @@ def job_keys() -> set:
 def sampled_groups(count: int, seed: int = 0) -> List[GroupSpec]:
     """Random groups inside the limits, wider than the enumeration's representatives: up to 12 members (two launch
     groups), members of different parameter dtypes, bases of any dtype or none, every routing kind, router logits
-    given, any top-k, either mode and precision."""
+    given, any top-k, either mode and precision, and every routing rule (run-time arguments: the same kernels)."""
+    import dataclasses
     import random
 
     from .plan import KERNEL_DTYPES, MAX_RANK, MAX_RANK_WIDTH
@@ -189,7 +197,42 @@ def sampled_groups(count: int, seed: int = 0) -> List[GroupSpec]:
             top_k=0 if kind == "none" else rng.randint(0, E), logits_in=kind in ("token", "hybrid") and rng.random() < 0.3,
             deterministic=rng.random() < 0.3, precision=rng.choice(["ieee", "tf32"]) if x == F32 else "tf32",
             T=rng.randint(1, 100), d_in=rng.randint(1, 100)))
+        spec = specs[-1]
+        if kind != "none" and E > 1 and rng.random() < 0.5:
+            rules = [Switch(rng.randint(1, 8)), Switch(), TopP(0.1 + 0.9 * rng.random(), rng.randint(1, E))]
+            if kind == "token" and not spec.hydra:
+                rules.append(RankWise(rng.randint(1, E)))
+            specs[-1] = dataclasses.replace(spec, rule=rng.choice(rules), T=4 * (spec.T // 4 + 1))  # 4 sequences
     return specs
+
+
+def rule_groups() -> List[GroupSpec]:
+    """The routing rules at the paper setting (E 8, r 8, q/k/v members; fp32 and bf16) and SMoRA's (64 rank-1
+    experts, 8 active), forward and backward, atomic and deterministic: what `compile_report --rules` compiles. The
+    rules are run-time kernel arguments, so these launches are kernels of the enumeration (see uncovered_launches)."""
+    F, B = F32, torch.bfloat16
+    M = 3  # q/k/v
+    return [
+        GroupSpec(8, 8, True, F, (F,) * M, (F,) * M, "hybrid", rule=Switch(64)),
+        GroupSpec(8, 8, False, B, (B,) * M, (B,) * M, "token", rule=Switch(64), deterministic=True),
+        GroupSpec(8, 8, True, B, (B,) * M, (B,) * M, "hybrid", rule=TopP()),
+        GroupSpec(8, 8, False, F, (F,) * M, None, "token", rule=TopP(), deterministic=True),
+        GroupSpec(64, 1, False, B, (B,) * M, (B,) * M, "token", rule=RankWise(8)),
+        GroupSpec(64, 1, False, F, (F,) * M, None, "token", rule=RankWise(8), deterministic=True),
+    ]
+
+
+def launch_jobs(specs) -> Tuple[Job, ...]:
+    """One job per distinct compiled kernel (the JIT's specialisation key) among these groups' launches."""
+    jobs, seen = [], set()
+    for spec in specs:
+        for index, (name, kernel, args, constexprs, warps) in enumerate(recorded_launches(spec)):
+            key = specialization_key(name, kernel, args, constexprs, warps)
+            if key not in seen:
+                seen.add(key)
+                config = KernelConfig(name.removesuffix("_kernel"), tuple(sorted(constexprs.items())), warps)
+                jobs.append(Job(spec, index, name, config))
+    return tuple(jobs)
 
 
 def uncovered_launches(specs) -> List[str]:

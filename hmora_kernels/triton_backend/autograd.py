@@ -8,7 +8,9 @@ input_grad_kernel per launch group (x read once for the common shapes); in deter
 per launch group; plus, outside the kernels, the memsets of the buffers added into. Saved for backward: x (a
 reference), h (T, M*HS) in x's dtype (HS = r for Hydra, E*r, or k*r under top-k: the selected experts' blocks only),
 gates and p_tok (T, E) fp32, under top-k each token's selected experts (T,) int64, the parameters and the seed
-tensor. An empty batch (T = 0) launches nothing.
+tensor. An empty batch (T = 0) launches nothing. Under a routing rule (plan.RuleArgs, run-time kernel arguments) the
+forward also counts each expert's routed and kept real tokens from the stored selections, and applies Switch's
+capacity there, between the two forward launches (`apply_capacity`).
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ from .expand import run_expand
 from .input_grad import input_grad_items, run_input_grad
 from .output_grad import run_output_grad
 from .plan import (
-    ROUTER_LOGITS, ROUTER_NONE, ROUTER_WEIGHT, GroupPlan, launch_groups, output_dtype, param_dtype,
+    ROUTER_LOGITS, ROUTER_NONE, ROUTER_WEIGHT, RULE_CODES, GroupPlan, RuleArgs, launch_groups, output_dtype,
+    param_dtype,
 )
 from .rank_grad import run_rank_grad
 from .route_grad import run_route_grad
@@ -39,7 +42,9 @@ def member_dtypes(x: Tensor, As, Bs, bases):
 
 
 def make_plan(x, As, Bs, bases, router_weight, router_bias, router_logits, task_probs, seed_tensor, scaling,
-              num_experts, hydra, kind, top_k, renorm, dropout_p, seed, precision, deterministic) -> GroupPlan:
+              num_experts, hydra, kind, top_k, renorm, dropout_p, seed, precision, deterministic, rule) -> GroupPlan:
+    """rule: RuleArgs.as_list() (never empty: the custom op's autograd reads [] as a list of tensors); top_k is the
+    kernels' k (RuleArgs.top_k)."""
     if kind in ("task", "none"):
         router = ROUTER_NONE
     else:
@@ -52,6 +57,7 @@ def make_plan(x, As, Bs, bases, router_weight, router_bias, router_logits, task_
         dropout_p=dropout_p, seed=seed, seed_in_memory=seed_tensor is not None,
         num_sequences=1 if task_probs is None else task_probs.shape[0], scaling=scaling, deterministic=deterministic,
         precision=precision, groups=launch_groups(params, outputs),
+        rule=RuleArgs.from_list(rule),
     )
 
 
@@ -59,8 +65,8 @@ def _empty(like: Tensor, dtype=F32) -> Tensor:
     return like.new_empty(0, dtype=dtype)
 
 
-def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
-    return _empty(like) if t is None else t
+def _or_empty(t: Optional[Tensor], like: Tensor, dtype=F32) -> Tensor:
+    return _empty(like, dtype) if t is None else t
 
 
 def _or_none(t: Tensor) -> Optional[Tensor]:
@@ -91,21 +97,24 @@ def _stand_in(like: Tensor, dtype) -> Tensor:
 def routed_group_forward(
     x: Tensor, As: List[Tensor], Bs: List[Tensor], bases: List[Tensor], router_weight: Optional[Tensor],
     router_bias: Optional[Tensor], router_logits: Optional[Tensor], task_probs: Optional[Tensor],
-    alpha: Optional[Tensor], seed_tensor: Optional[Tensor], scaling: float, num_experts: int, hydra: bool, kind: str,
-    top_k: int, renorm: str, dropout_p: float, seed: int, precision: str,
+    alpha: Optional[Tensor], seed_tensor: Optional[Tensor], token_mask: Optional[Tensor],
+    selection_bias: Optional[Tensor], scaling: float, num_experts: int, hydra: bool, kind: str, top_k: int,
+    renorm: str, dropout_p: float, seed: int, precision: str, rule: List[float],
 ) -> List[Tensor]:
-    """[y_0 .. y_{M-1}, logits, p_tok, gates, h, selected]; absent routing tensors are empty; bases may be []."""
+    """[y_0 .. y_{M-1}, logits, p_tok, gates, h, selected, counts]; absent routing tensors are empty; bases may be
+    []; counts (2, E) int64 (routed, kept real tokens per expert) under a rule, else empty."""
     plan = make_plan(x, As, Bs, bases, router_weight, router_bias, router_logits, task_probs, seed_tensor, scaling,
-                     num_experts, hydra, kind, top_k, renorm, dropout_p, seed, precision, deterministic=True)
-    ys, logits, p_tok, gates, h, sel = run_forward(plan, x, As, Bs, bases, router_weight, router_bias, router_logits,
-                                                   task_probs, alpha, seed_tensor)
+                     num_experts, hydra, kind, top_k, renorm, dropout_p, seed, precision, True, rule)
+    ys, logits, p_tok, gates, h, sel, counts = run_forward(plan, x, As, Bs, bases, router_weight, router_bias,
+                                                           router_logits, task_probs, alpha, seed_tensor, token_mask,
+                                                           selection_bias)
     return ys + [_or_empty(logits, x), _or_empty(p_tok, x), _or_empty(gates, x), h,
-                 sel if plan.selective else _empty(x, torch.int64)]
+                 sel if plan.selective else _empty(x, torch.int64), _or_empty(counts, x, torch.int64)]
 
 
 def run_forward(plan: GroupPlan, x, As, Bs, bases, router_weight, router_bias, router_logits, task_probs, alpha,
-                seed_tensor):
-    """The forward launches: (ys, logits, p_tok, gates, h, sel), absent routing tensors None."""
+                seed_tensor, token_mask=None, selection_bias=None):
+    """The forward launches: (ys, logits, p_tok, gates, h, sel, counts), absent routing tensors None."""
     T, E = plan.T, plan.E
     params, outputs = member_dtypes(x, As, Bs, bases)
     x = _aligned(x)
@@ -121,8 +130,13 @@ def run_forward(plan: GroupPlan, x, As, Bs, bases, router_weight, router_bias, r
         routing_in = [stand_in if t is None else _as(t, F32) for t in (router_weight, router_bias, router_logits,
                                                                       task_probs, alpha)]
         routing_in.append(sel if seed_tensor is None else seed_tensor.reshape(1))
+        routing_in.append(stand_in if selection_bias is None else _as(selection_bias, F32))
         for group, group_As in zip(plan.groups, _by_group(plan, As)):
             run_shrink_route(plan, group, x, group_As, routing_in, [h, *routing, sel])
+    counts = None
+    if plan.routed and plan.rule.code != RULE_CODES["default"]:
+        counts = apply_capacity(plan, sel, routing[2], token_mask)
+    if T > 0:
         for group, group_Bs, group_bases, group_ys in zip(plan.groups, _by_group(plan, Bs),
                                                           _by_group(plan, kernel_bases or [None] * plan.M),
                                                           _by_group(plan, ys)):
@@ -133,12 +147,34 @@ def run_forward(plan: GroupPlan, x, As, Bs, bases, router_weight, router_bias, r
     logits = routing[0] if plan.computes_logits else None
     p_tok = routing[1] if plan.routed and plan.kind != "task" else None
     gates = routing[2] if plan.routed else None
-    return ys, logits, p_tok, gates, h, sel
+    return ys, logits, p_tok, gates, h, sel, counts
+
+
+def apply_capacity(plan: GroupPlan, sel: Tensor, gates: Tensor, token_mask: Optional[Tensor]) -> Tensor:
+    """(2, E) int64: per expert the real tokens (token_mask) whose rule chose it, and those that kept it. Under
+    Switch(capacity) drops in place, before the expand launch reads them, the selection bits and gates of the tokens
+    past the first C real tokens of their sequence for their expert (padding claims nothing and is dropped).
+    Deterministic by construction: a token's priority is an integer prefix sum (torch.cumsum over the one-hot of the
+    selections, per sequence in position order), exact whatever order a device sums in; no atomics, nothing depends
+    on how the kernels' programs were scheduled."""
+    T, E = sel.shape[0], plan.E
+    chosen = ((sel[:, None] >> torch.arange(E, device=sel.device)) & 1).bool()
+    real = torch.ones(T, dtype=torch.bool, device=sel.device) if token_mask is None else token_mask.reshape(-1) != 0
+    routed = chosen & real[:, None]
+    kept = routed
+    if plan.rule.capacity:
+        num_sequences = token_mask.shape[0]
+        priority = routed.view(num_sequences, T // num_sequences, E).cumsum(1).view(T, E)
+        keep = real & ((priority * chosen).sum(1) <= plan.rule.capacity)  # one chosen expert per token (top-1)
+        sel.masked_fill_(~keep, 0)
+        gates.masked_fill_(~keep[:, None], 0.0)
+        kept = routed & keep[:, None]
+    return torch.stack([routed.sum(0), kept.sum(0)])
 
 
 @routed_group_forward.register_fake
-def _(x, As, Bs, bases, router_weight, router_bias, router_logits, task_probs, alpha, seed_tensor, scaling,
-      num_experts, hydra, kind, top_k, renorm, dropout_p, seed, precision):
+def _(x, As, Bs, bases, router_weight, router_bias, router_logits, task_probs, alpha, seed_tensor, token_mask,
+      selection_bias, scaling, num_experts, hydra, kind, top_k, renorm, dropout_p, seed, precision, rule):
     T, E = x.shape[0], num_experts
     ys = [x.new_empty(T, B.shape[0], dtype=b.dtype if bases else x.dtype)
           for B, b in zip(Bs, bases or [None] * len(Bs))]
@@ -149,7 +185,9 @@ def _(x, As, Bs, bases, router_weight, router_bias, router_logits, task_probs, a
     sel = x.new_empty(T, dtype=torch.int64) if kind != "none" and top_k > 0 else _empty(x, torch.int64)
     compact = kind != "none" and top_k > 0 and not hydra  # plan.compact
     h = x.new_empty(T, len(As) * (top_k * (Bs[0].shape[1] // E) if compact else As[0].shape[0]))
-    return ys + [logits.clone(), p_tok.clone(), gates.clone(), h, sel]
+    has_rule = kind != "none" and RuleArgs.from_list(rule).code != RULE_CODES["default"]
+    counts = x.new_empty(2, E, dtype=torch.int64) if has_rule else _empty(x, torch.int64)
+    return ys + [logits.clone(), p_tok.clone(), gates.clone(), h, sel, counts]
 
 
 @dataclass
@@ -205,20 +243,21 @@ def routed_group_backward(
     dys: List[Tensor], dlogits_in: Optional[Tensor], dp_tok_in: Optional[Tensor], dgates_in: Optional[Tensor],
     x: Tensor, As: List[Tensor], Bs: List[Tensor], router_weight: Optional[Tensor], router_bias: Optional[Tensor],
     router_logits: Optional[Tensor], task_probs: Optional[Tensor], alpha: Optional[Tensor],
-    seed_tensor: Optional[Tensor], p_tok: Optional[Tensor], gates: Optional[Tensor], h: Tensor,
-    sel: Optional[Tensor], scaling: float, num_experts: int, hydra: bool, kind: str, top_k: int, renorm: str,
-    dropout_p: float, seed: int, precision: str, deterministic: bool,
+    seed_tensor: Optional[Tensor], selection_bias: Optional[Tensor], p_tok: Optional[Tensor],
+    gates: Optional[Tensor], h: Tensor, sel: Optional[Tensor], scaling: float, num_experts: int, hydra: bool,
+    kind: str, top_k: int, renorm: str, dropout_p: float, seed: int, precision: str, rule: List[float],
+    deterministic: bool,
 ) -> List[Tensor]:
     """[dx, weight gradients as one flat fp32 buffer (see weight_grad_layout), d router_logits or empty]."""
     plan = make_plan(x, As, Bs, dys, router_weight, router_bias, router_logits, task_probs, seed_tensor, scaling,
-                     num_experts, hydra, kind, top_k, renorm, dropout_p, seed, precision, deterministic)
+                     num_experts, hydra, kind, top_k, renorm, dropout_p, seed, precision, deterministic, rule)
     dx, flat, dlogits = run_backward(plan, dys, dlogits_in, dp_tok_in, dgates_in, x, As, Bs, router_weight,
-                                     task_probs, alpha, seed_tensor, p_tok, gates, h, sel)
+                                     task_probs, alpha, seed_tensor, p_tok, gates, h, sel, selection_bias)
     return [dx, flat, _or_empty(dlogits if plan.router == ROUTER_LOGITS else None, x)]
 
 
 def run_backward(plan: GroupPlan, dys, dlogits_in, dp_tok_in, dgates_in, x, As, Bs, router_weight, task_probs,
-                 alpha, seed_tensor, p_tok, gates, h, sel):
+                 alpha, seed_tensor, p_tok, gates, h, sel, selection_bias=None):
     """The backward launches: (dx, flat fp32 weight gradients, dlogits or None). dys are in the kernels' output
     dtypes (see member_dtypes)."""
     T, E = plan.T, plan.E
@@ -256,8 +295,9 @@ def run_backward(plan: GroupPlan, dys, dlogits_in, dp_tok_in, dgates_in, x, As, 
         dalpha_tok = torch.empty(T, dtype=F32, device=x.device) if plan.kind == "hybrid" else None
         run_route_grad(plan, dgates, None if p_tok is None else _aligned(p_tok),
                        None if task_probs is None else _as(task_probs, F32), None if alpha is None else _as(alpha, F32),
-                       *[None if t is None else _as(t, F32) for t in (dgates_in, dp_tok_in, dlogits_in)],
-                       [stand_in if t is None else t for t in (dlogits, dtask_tok, dalpha_tok)])
+                       *[None if t is None else _as(t, F32) for t in (dgates_in, dp_tok_in, dlogits_in,
+                                                                      selection_bias)],
+                       sel, [stand_in if t is None else t for t in (dlogits, dtask_tok, dalpha_tok)])
     items = sum(input_grad_items(plan, group) for group in plan.groups)
     dx_sum = dx if x.dtype == F32 else torch.empty(T, plan.d_in, dtype=F32, device=x.device) if items > 1 else stand_in
     weight = _as(router_weight, F32) if plan.computes_logits else stand_in
@@ -271,25 +311,25 @@ def run_backward(plan: GroupPlan, dys, dlogits_in, dp_tok_in, dgates_in, x, As, 
 
 @routed_group_backward.register_fake
 def _(dys, dlogits_in, dp_tok_in, dgates_in, x, As, Bs, router_weight, router_bias, router_logits, task_probs,
-      alpha, seed_tensor, p_tok, gates, h, sel, scaling, num_experts, hydra, kind, top_k, renorm, dropout_p, seed,
-      precision, deterministic):
+      alpha, seed_tensor, selection_bias, p_tok, gates, h, sel, scaling, num_experts, hydra, kind, top_k, renorm,
+      dropout_p, seed, precision, rule, deterministic):
     plan = make_plan(x, As, Bs, dys, router_weight, router_bias, router_logits, task_probs, seed_tensor, scaling,
-                     num_experts, hydra, kind, top_k, renorm, dropout_p, seed, precision, deterministic)
+                     num_experts, hydra, kind, top_k, renorm, dropout_p, seed, precision, deterministic, rule)
     d_router_logits = x.new_empty(plan.T, plan.E, dtype=F32) if plan.router == ROUTER_LOGITS else None
     return [torch.empty_like(x), x.new_empty(weight_grad_size(plan), dtype=F32), _or_empty(d_router_logits, x)]
 
 
 def _setup_context(ctx, inputs, output):
-    (x, As, Bs, bases, router_weight, router_bias, router_logits, task_probs, alpha, seed_tensor, scaling,
-     num_experts, hydra, kind, top_k, renorm, dropout_p, seed, precision) = inputs
+    (x, As, Bs, bases, router_weight, router_bias, router_logits, task_probs, alpha, seed_tensor, token_mask,
+     selection_bias, scaling, num_experts, hydra, kind, top_k, renorm, dropout_p, seed, precision, rule) = inputs
     M = len(As)
-    logits, p_tok, gates, h, sel = output[M:]
-    ctx.mark_non_differentiable(h, sel)
+    logits, p_tok, gates, h, sel, counts = output[M:]
+    ctx.mark_non_differentiable(h, sel, counts)
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, router_weight, router_bias, router_logits, task_probs, alpha, seed_tensor,
-                          _or_none(p_tok), _or_none(gates), h, _or_none(sel), *As, *Bs)
+                          selection_bias, _or_none(p_tok), _or_none(gates), h, _or_none(sel), *As, *Bs)
     ctx.meta = dict(scaling=scaling, num_experts=num_experts, hydra=hydra, kind=kind, top_k=top_k, renorm=renorm,
-                    dropout_p=dropout_p, seed=seed, precision=precision)
+                    dropout_p=dropout_p, seed=seed, precision=precision, rule=rule)
     ctx.num_members, ctx.num_bases = M, len(bases)
     _, ctx.output_dtypes = member_dtypes(x, As, Bs, bases)
     ctx.param_dtypes = dict(x=x.dtype, As=[A.dtype for A in As], Bs=[B.dtype for B in Bs],
@@ -301,15 +341,15 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grads):
     M = ctx.num_members
-    (x, router_weight, router_bias, router_logits, task_probs, alpha, seed_tensor, p_tok, gates, h, sel,
-     *params) = ctx.saved_tensors
+    (x, router_weight, router_bias, router_logits, task_probs, alpha, seed_tensor, selection_bias, p_tok, gates, h,
+     sel, *params) = ctx.saved_tensors
     As, Bs = params[:M], params[M:]
     dys = [torch.zeros(x.shape[0], B.shape[0], dtype=dt, device=x.device) if g is None else g.to(dt)
            for g, B, dt in zip(grads[:M], Bs, ctx.output_dtypes)]
     dlogits_in, dp_tok_in, dgates_in = (None if g is None or g.numel() == 0 else g for g in grads[M:M + 3])
     out = routed_group_backward(
         dys, dlogits_in, dp_tok_in, dgates_in, x, list(As), list(Bs), router_weight, router_bias, router_logits,
-        task_probs, alpha, seed_tensor, p_tok, gates, h, sel,
+        task_probs, alpha, seed_tensor, selection_bias, p_tok, gates, h, sel,
         deterministic=torch.are_deterministic_algorithms_enabled(), **ctx.meta,
     )
     dtypes = ctx.param_dtypes
@@ -325,7 +365,7 @@ def _backward(ctx, grads):
         dalpha = dalpha.view(ctx.alpha_shape)
     return (dx, dAs, dBs, d_bases, cast(dW, "router_weight"), cast(dbias, "router_bias"),
             cast(dlogits, "router_logits"), cast(dtask, "task_probs"), cast(dalpha, "alpha"),
-            None, None, None, None, None, None, None, None, None, None)
+            *[None] * 13)  # seed_tensor, token_mask, selection_bias and the non-tensor arguments
 
 
 routed_group_forward.register_autograd(_backward, setup_context=_setup_context)

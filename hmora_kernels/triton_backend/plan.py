@@ -10,10 +10,13 @@ and the compile check see the same configurations.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
+
+from ..types import RankWise, Switch, TopP
 
 # Limits of the fused kernels; the compile check covers exactly this space (see configuration_space).
 MAX_EXPERTS = 64        # routing in one (rows, 64) register tile; a token's selected experts in one 64-bit mask
@@ -26,6 +29,7 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 KIND_CODES = {"token": 0, "task": 1, "hybrid": 2, "none": 3}  # "none": plain LoRA, no router, gates = 1
 ROUTER_NONE, ROUTER_WEIGHT, ROUTER_LOGITS = 0, 1, 2           # where the logits come from
 PRECISIONS = ("tf32", "ieee")
+RULE_CODES = {"default": 0, "Switch": 1, "TopP": 2, "RankWise": 3}  # the gate rule: a run-time kernel argument
 
 # Rank accumulators one program of shrink_route / input_grad holds: members x HC fp32 columns, and at most this
 # many members (input_grad also holds their A tiles); beyond, more programs or work items (chosen so none spills).
@@ -94,6 +98,64 @@ def dot_precision(x_dtype: torch.dtype) -> str:
     if x_dtype == torch.float32 and not torch_allows_tf32():
         return "ieee"
     return "tf32"
+
+
+@dataclass(frozen=True)
+class RuleArgs:
+    """The gate rule as the kernels take it (hmora_kernels.types: None, Switch, TopP, RankWise). Every field is a
+    run-time kernel argument, like the routing kind and top_k, so the rules add no kernel configuration: the
+    compile check's kernels are the ones that run them."""
+
+    code: int = RULE_CODES["default"]
+    capacity: int = 0                        # Switch: tokens per expert and sequence; 0: no limit
+    top_p: float = 1.0                       # TopP
+    keep_top_k: int = 0
+    entropy_threshold: float = math.inf      # +inf: no all-experts broadcast (TopP's threshold >= 1 too)
+    entropy_index: float = 1.0
+    entropy_eps: float = 0.0
+    entropy_norm: float = 1.0                # the normalisation of the Tsallis entropy, from E and q
+
+    @staticmethod
+    def of(rule, num_experts: int) -> "RuleArgs":
+        if rule is None:
+            return RuleArgs()
+        if isinstance(rule, Switch):
+            return RuleArgs(RULE_CODES["Switch"], capacity=rule.capacity or 0)
+        if isinstance(rule, RankWise):
+            return RuleArgs(RULE_CODES["RankWise"])
+        assert isinstance(rule, TopP), rule
+        q, E = rule.entropy_index, num_experts
+        # the reference's normalisation (computed in float64): S_max (q - 1) = 1 - E^(1-q), Shannon's ln E
+        norm = math.log(E) if q == 1 else 1 - E ** (1 - q)
+        broadcasts = rule.entropy_threshold < 1 and E > 1
+        return RuleArgs(RULE_CODES["TopP"], top_p=rule.top_p, keep_top_k=rule.keep_top_k,
+                        entropy_threshold=rule.entropy_threshold if broadcasts else math.inf, entropy_index=q,
+                        entropy_eps=rule.entropy_eps, entropy_norm=norm if E > 1 else 1.0)
+
+    def as_list(self) -> List[float]:
+        """The custom ops' form (a float list: the op schema has no dataclasses; ints up to 2^53 stay exact)."""
+        return [float(v) for v in (self.code, self.capacity, self.top_p, self.keep_top_k, self.entropy_threshold,
+                                   self.entropy_index, self.entropy_eps, self.entropy_norm)]
+
+    @staticmethod
+    def from_list(values) -> "RuleArgs":
+        code, capacity, *rest = values
+        return RuleArgs(int(code), int(capacity), rest[0], int(rest[1]), *rest[2:])
+
+    def top_k(self, top_k: int) -> int:
+        """The k of the kernels' top-k selection: Switch 1, RankWise its own top_k (passed as the op's), TopP 0
+        (its own selection), else the default rule's top_k (0: soft)."""
+        if self.code == RULE_CODES["Switch"]:
+            return 1
+        if self.code == RULE_CODES["TopP"]:
+            return 0
+        return top_k
+
+    def kernel_tuple(self) -> Tuple[float, ...]:
+        """TopP's parameters as the kernels' rule_args tuple, all floats (Triton does not specialise floats in a
+        tuple; it would specialise ints on their values)."""
+        return (float(self.top_p), float(self.keep_top_k), float(self.entropy_threshold), float(self.entropy_index),
+                float(self.entropy_eps), float(self.entropy_norm))
 
 
 @dataclass(frozen=True)
@@ -247,6 +309,7 @@ class GroupPlan:
     deterministic: bool
     precision: str
     groups: Tuple[LaunchGroup, ...]
+    rule: RuleArgs = RuleArgs()
 
     @property
     def M(self) -> int:

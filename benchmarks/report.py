@@ -155,7 +155,7 @@ def format_table(rows: Iterable[Dict[str, object]], columns, markdown: bool = Fa
 
 def tables(rows: List[Dict[str, object]], markdown: bool = False) -> str:
     """A table per kind of row: decoder-layer times, memory/traffic/launches, op times."""
-    memory = [r for r in rows if r["section"] in ("paper", "scaling", "variants", "rank")]
+    memory = [r for r in rows if r["section"] in ("paper", "scaling", "variants", "rank", "rules")]
     timing = [r for r in rows if r["section"] == "speedup"]
     layer = [r for r in rows if r["section"] == LAYER_SECTION]
     out = []

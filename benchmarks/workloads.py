@@ -37,7 +37,9 @@ MODELS = {m.name: m for m in (QWEN2_1_5B, LLAMA3_8B)}
 
 @dataclass(frozen=True)
 class Setting:
-    """Adapter hyper-parameters; the defaults are the paper setting (E 8, r 8, Hydra, top-2, dropout 0.1)."""
+    """Adapter hyper-parameters; the defaults are the paper setting (E 8, r 8, Hydra, top-2, dropout 0.1).
+    rule: a routing rule of hmora_kernels (Switch, TopP, RankWise; top_k must then be None), on one sequence per
+    1024 tokens (Switch's capacity counts per sequence)."""
 
     num_experts: int = 8
     rank: int = 8
@@ -45,10 +47,26 @@ class Setting:
     top_k: int | None = 2
     dropout_p: float = 0.1
     dtype: torch.dtype = torch.float32
+    rule: object = None
 
     @property
     def routing(self) -> str:
+        if isinstance(self.rule, hk.Switch):
+            return f"switch C={self.rule.capacity}"
+        if isinstance(self.rule, hk.TopP):
+            return f"top-p {self.rule.top_p}"
+        if isinstance(self.rule, hk.RankWise):
+            return f"rank-wise top-{self.rule.top_k}"
         return "soft" if self.top_k is None else f"top-{self.top_k}"
+
+    @property
+    def selected_experts(self) -> int | None:
+        """Experts a token uses when that is a fixed number (top-k, Switch's 1, RankWise's k), else None."""
+        if isinstance(self.rule, hk.Switch):
+            return 1
+        if isinstance(self.rule, hk.RankWise):
+            return self.rule.top_k
+        return None if self.rule is not None else self.top_k
 
 
 PAPER = Setting()
@@ -94,9 +112,10 @@ class AdapterSpec:
 
     def rank_columns(self, s: Setting) -> int:
         """Width of what backward needs of one member's rank activation h = drop(x) A^T: r (Hydra), E*r (one A per
-        expert), or k*r under top-k with one A per expert (an unselected expert's block meets a gate of 0)."""
-        if self.routed and not s.hydra and s.top_k is not None:
-            return min(s.top_k, s.num_experts) * s.rank
+        expert), or k*r under top-k with one A per expert (an unselected expert's block meets a gate of 0; Switch:
+        k = 1, RankWise: its k; TopP's number varies per token: E*r counted)."""
+        if self.routed and not s.hydra and s.selected_experts is not None:
+            return min(s.selected_experts, s.num_experts) * s.rank
         return self.a_rows(s)
 
     def weight_elements(self, s: Setting) -> int:
@@ -189,10 +208,22 @@ def build_problem(w: Workload, seed: int = 0, device: str = "cpu") -> Problem:
             entry["router_weight"] = rand(s.num_experts, a.d_in, scale=a.d_in ** -0.5)
             entry["router_bias"] = rand(s.num_experts, scale=0.1)
             weights += [entry["router_weight"], entry["router_bias"]]
+            entry.update(rule_inputs(s, T, device))
         inputs[a.name] = entry
         grads += [rand(T, d_out, grad=False) for d_out in a.d_outs]
     leaves = weights + [e["x"] for e in inputs.values()]
     return Problem(w, inputs, weights, leaves, grads)
+
+
+def rule_inputs(s: Setting, tokens: int, device) -> Dict[str, object]:
+    """The routing rule's op inputs: every token real, in sequences of up to 1024; RankWise's selection bias 0."""
+    if s.rule is None:
+        return {}
+    seq_len = min(tokens, 1024)
+    inputs = {"rule": s.rule, "token_mask": torch.ones(tokens // seq_len, seq_len, device=device)}
+    if isinstance(s.rule, hk.RankWise):
+        inputs["selection_bias"] = torch.zeros(s.num_experts, device=device)
+    return inputs
 
 
 def forward(problem: Problem, backend: str) -> List[torch.Tensor]:
@@ -206,6 +237,7 @@ def forward(problem: Problem, backend: str) -> List[torch.Tensor]:
             group = hk.routed_group(
                 e["x"], e["A"], e["B"], scaling, router_weight=e["router_weight"], router_bias=e["router_bias"],
                 kind="token", top_k=s.top_k, dropout_p=s.dropout_p, seed=1, bases=e["bases"], backend=backend,
+                rule=e.get("rule"), token_mask=e.get("token_mask"), selection_bias=e.get("selection_bias"),
             )
             outputs += group.outputs
         else:

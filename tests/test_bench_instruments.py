@@ -8,6 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
+import hmora_kernels as hk
 from benchmarks import cli, suites
 from benchmarks.decoder_layer import LayerCase, LayerSetting, LayerShape
 from benchmarks.instruments import KernelTraffic, L2Model, OpTraffic, SavedBytes, cpu_wall_time, tensor_bytes
@@ -262,6 +263,35 @@ def test_minimum_of_per_expert_top_k_keeps_the_selected_experts_rank_blocks():
     routing = T * E * F32
     assert minimum_saved_bytes(w) == x + hs + routing
     assert minimum_traffic_bytes(w, "forward") == x + weights + 2 * ys + hs + 3 * routing
+
+
+@pytest.mark.parametrize("rule, experts, rank, width", [
+    (hk.Switch(2), 4, 2, 2),    # top-1: the chosen expert's block
+    (hk.TopP(), 4, 2, 8),       # a varying number of experts: every block counted
+    (hk.RankWise(3), 8, 1, 3),  # 8 rank-1 experts, top-3
+], ids=lambda v: type(v).__name__ if not isinstance(v, int) else str(v))
+def test_minimum_under_a_routing_rule_keeps_the_rank_blocks_it_selects(rule, experts, rank, width):
+    setting = Setting(num_experts=experts, rank=rank, hydra=False, top_k=None, dropout_p=0.0, rule=rule)
+    w = Workload(TINY, setting, tokens=4, scope="group")
+    assert minimum_saved_bytes(w) == 4 * 8 * F32 + 3 * 4 * width * F32 + 4 * experts * F32
+
+
+def test_hmora_bench_rows_of_the_routing_rules(tmp_path, monkeypatch, capsys, keep_torch_threads):
+    """Each rule's group through every implementation (the fused kernels in the interpreter), bytes and time."""
+    settings = [Setting(num_experts=4, rank=2, hydra=False, top_k=None, dropout_p=0.0, rule=rule)
+                for rule in (hk.Switch(2), hk.TopP())]
+    settings.append(Setting(num_experts=8, rank=1, hydra=False, top_k=None, dropout_p=0.0, rule=hk.RankWise(2)))
+    cases = [Case("rules", Workload(TINY, s, tokens=16, scope="group"), ("reference", "torch", "triton"), memory=True,
+                  timing=False) for s in settings]
+    cases.append(Case("speedup", Workload(TINY, settings[0], tokens=16, scope="group"), ("torch",), memory=False,
+                      timing=True))
+    monkeypatch.setitem(suites.SUITES, "tiny-rules", cases)
+    assert cli.main(["--suite", "tiny-rules", "--out", str(tmp_path), "--repeats", "1", "--markdown"]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert {r["routing"] for r in rows} == {"switch C=2", "top-p 0.75", "rank-wise top-2"}
+    assert len(rows) == 3 * (3 * 3 + 1)  # forward, backward, both
+    printed = capsys.readouterr().out
+    assert printed.count("| switch C=2 |") == 3 * 3 + 3  # memory rows of three implementations, and the time rows
 
 
 def test_minimum_of_a_layer_adds_its_four_adapter_ops():

@@ -12,8 +12,8 @@ scaling-cpu  the routed group at T 256 .. 4096 (octaves), dropout 0: the linear-
 variants-cpu  the routed group at T 1024, dropout 0, Hydra or per-expert A x top-2 or soft routing.
 rank-cpu  the routed group at E*r 128 .. 1024 (E 8, r 16 .. 128; and E 64, r 16), Hydra or per-expert A x top-2 or
          soft routing, T 256, dropout 0: traffic and saved bytes against E*r.
-rules-cpu  the routing rules (Switch C 160, DynMoLE top-p, SMoRA's 64 rank-1 experts top-8) and the paper's top-2
-         beside them: the q/k/v group, dropout 0: bytes of every implementation at T 256, torch wall time at T 1024.
+rules-cpu  the routing rules (Switch C 160 and top-2 with per-expert A, DynMoLE top-p with Hydra, SMoRA's 64 rank-1
+         experts top-8): the q/k/v group, dropout 0: bytes of every implementation at T 256, torch wall time at T 1024.
 llama-cpu  LLaMA-3-8B shapes, routed group at T 256 and decoder layer at T 64 (minutes).
 full     paper + LLaMA-3-8B shapes, T up to 16k (torch paths; triton to 4096), E 2..64 x r 4..64,
          Hydra on/off, soft/top-2, torch.compile.
@@ -74,10 +74,10 @@ def _suites() -> Dict[str, List[object]]:
     paper = _paper_point(4096) + [Case("speedup", Workload(QWEN2_1_5B, replace(PAPER, dropout_p=0.0), 4096, "group"),
                                        ("reference", "torch", "torch.compile"), memory=False, timing=True)]
     no_dropout = replace(PAPER, dropout_p=0.0)
-    rules = [no_dropout, replace(no_dropout, hydra=False)] + [
-        replace(no_dropout, hydra=hydra, top_k=None, rule=rule) for rule in (hk.Switch(160), hk.TopP())
-        for hydra in (True, False)] + [replace(no_dropout, num_experts=64, rank=1, hydra=False, top_k=None,
-                                               rule=hk.RankWise(8))]
+    # per-expert A top-2 beside switch (top-1, compact rank activations), top-p with the recipe's Hydra, SMoRA
+    rules = [replace(no_dropout, hydra=False), replace(no_dropout, hydra=False, top_k=None, rule=hk.Switch(160)),
+             replace(no_dropout, top_k=None, rule=hk.TopP()),
+             replace(no_dropout, num_experts=64, rank=1, hydra=False, top_k=None, rule=hk.RankWise(8))]
     # the fused kernels' bytes do not depend on dropout (their masks live in registers; the default suite
     # measures both), so the interpreter counts T 4096 at dropout 0, where the torch paths skip the Philox masks
     paper_cpu = _paper_point(4096, setting=no_dropout) + [

@@ -175,6 +175,10 @@ TILES = {
     "input_grad": {"tf32": Blocks(16, 16, 8), "ieee": Blocks(16, 16, 8)},
 }
 KERNELS = tuple(TILES)
+# expand with per-expert A and chunks of 8 experts x 8 ranks: at BM 32 it needs more than 255 registers (ptxas spilled
+# 8 bytes on sm_80, 32 on sm_90; the per-expert (BM, 8, 8) h tile beside the 64x64 B chunk held across the token loop);
+# 16 tokens a block fit in about 200 and move the same bytes (the B chunk still stays in registers).
+EXPAND_EXPERT_CHUNKS = Blocks(16, 64, 8)
 
 
 @dataclass(frozen=True)
@@ -217,9 +221,9 @@ def kernel_configs(shape: Shape, deterministic: bool, routed: bool) -> Dict[str,
     EC, RCH = operand_chunk(shape.E, shape.r)
     precision = shape.precision
 
-    def make(kernel: str, **constexprs) -> KernelConfig:
+    def make(kernel: str, blocks: Optional[Blocks] = None, **constexprs) -> KernelConfig:
         tiles = TILES[kernel]
-        blocks = tiles.get(precision, tiles["tf32"])
+        blocks = blocks or tiles.get(precision, tiles["tf32"])
         sizes = {"BM": blocks.rows}
         if blocks.cols:
             sizes["BN" if kernel in ("expand", "output_grad", "rank_grad") else "BK"] = blocks.cols
@@ -230,7 +234,8 @@ def kernel_configs(shape: Shape, deterministic: bool, routed: bool) -> Dict[str,
     configs = {
         "shrink_route": make("shrink_route", HC=HC, MG=members_per_program("shrink_route", HC, shape.members),
                              E_PAD=E_PAD),
-        "expand": make("expand", EC=EC, RCH=RCH, HYDRA=shape.hydra),
+        "expand": make("expand", EXPAND_EXPERT_CHUNKS if EC == 8 and not shape.hydra else None, EC=EC, RCH=RCH,
+                       HYDRA=shape.hydra),
         "output_grad": make("output_grad", EC=EC, RCH=RCH, HYDRA=shape.hydra),
         "input_grad": make("input_grad", HC=HC, MG=members_per_program("input_grad", HC, shape.members),
                            E_PAD=E_PAD),

@@ -51,6 +51,24 @@ def test_every_tier_compiles_for_sm80_and_sm90_without_spills(planner_space):
     assert done.returncode == 0
 
 
+def test_per_expert_expand_of_8x8_chunks_compiles_without_spills():
+    """Issue 11: expand with per-expert A and chunks of 8 experts x 8 ranks (any per-expert group with r <= 8 and
+    E >= 3, the paper's E 8 r 8 among them) spilled at 32 tokens a block (8 bytes on sm_80, 32 on sm_90) while the
+    per-tier check compiled another configuration of its tier. Its fp32 and bf16 kernels (those that spilled)."""
+    code = ("import json, torch; from hmora_kernels.triton_backend.aot import ARCHS, GroupSpec, launch_jobs, run_job; "
+            "specs = [GroupSpec(8, 8, False, d, (d,) * 3, (d,) * 3, 'token') for d in (torch.float32, torch.bfloat16)]; "
+            "print(json.dumps([run_job(job, arch) for job in launch_jobs(specs) if job.kernel == 'expand_kernel' "
+            "for arch in ARCHS]))")
+    done = without_interpreter("-c", code, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(rows) == 4
+    for row in rows:
+        what = f"{row['arch']} ({row['config']}, {row['constexprs']})"
+        assert (row["constexprs"]["EC"], row["constexprs"]["RCH"], row["constexprs"]["HYDRA"]) == (8, 8, False), what
+        assert row["local"] == 0 and row["stack"] == 0, f"{what} spills: LOCAL {row['local']} STACK {row['stack']}"
+
+
 def test_sampled_groups_launch_only_configurations_the_check_compiles():
     """The compile check's jobs come from the planner's enumeration. Groups drawn wider than its representatives
     (up to 12 members in two launch groups, members and bases of mixed dtypes, every routing kind, router logits

@@ -25,7 +25,7 @@ setup(
     extras_require={
         # accelerate: transformers.Trainer needs it (tests/test_hmora_trainer.py); matplotlib and tensorboard: the
         # tests read back hmora-train's plot and event files; trl: tests/test_hmora_trl.py
-        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "accelerate>=1.1", "matplotlib>=3.8.4",
+        "test": ["pytest>=8", "pytest-benchmark>=4", "pytest-xdist>=3.5", "hypothesis>=6", "accelerate>=1.1", "matplotlib>=3.8.4",
                  "tensorboard>=2.16.2", "trl>=0.11.4"],
         "plot": ["matplotlib>=3.8.4"],
         "tensorboard": ["tensorboard>=2.16.2"],

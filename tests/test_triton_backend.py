@@ -68,6 +68,8 @@ LARGE_CASES = [
     GroupCase("E = 64, r = 1 (rank-wise experts), soft routing, fp32", T=25, d_in=24, d_outs=[16], E=64, r=1),
     GroupCase("E = 33, r = 31 (neither a power of two: padded expert and rank blocks), top-3 sum renorm", T=20,
               d_in=24, d_outs=[16], E=33, r=31, top_k=3, renorm="sum"),
+    GroupCase("fp32 (full-fp32 dots), 3 members, per-expert E 5 r 8 (h 40 wide): input_grad takes 2 members a work "
+              "item, so 2 items sum dx", T=30, d_in=24, d_outs=[16, 24, 8], E=5, r=8, top_k=2),
 ]
 
 
@@ -139,6 +141,8 @@ DETERMINISTIC_CASES = [
               T=40, d_in=24, d_outs=[16] * 9, E=32, r=32, hydra=True, top_k=3),
     GroupCase("E = 64, r = 4 per-expert top-2: skipped chunks leave dh unwritten, never read", T=50, d_in=24,
               d_outs=[40], E=64, r=4, top_k=2, kind="hybrid", n_seq=2),
+    GroupCase("bf16 (TF32 dots), per-expert A, r = 40: chunks of 1 expert x 64 ranks, 16 tokens a block", T=50,
+              d_in=24, d_outs=[40, 16], E=3, r=40, top_k=2, dtype=BF16),
 ]
 
 

@@ -35,6 +35,9 @@ RULE_CODES = {"default": 0, "Switch": 1, "TopP": 2, "RankWise": 3}  # the gate r
 # many members (input_grad also holds their A tiles); beyond, more programs or work items (chosen so none spills).
 GROUP_COLUMNS = 256
 MAX_SLOTS = {"shrink_route": 8, "input_grad": 4}
+# input_grad with full-fp32 dots: 4 members x 64 columns spilled 16 bytes on sm_90 (its FMA dots keep the A tiles
+# and accumulators in wider layouts than the tensor-core ones); half the columns per work item fit.
+IEEE_INPUT_GRAD_COLUMNS = 128
 
 
 def pow2(n: int) -> int:
@@ -64,9 +67,10 @@ def operand_chunk(E: int, r: int) -> Tuple[int, int]:
     return kc // rch, rch
 
 
-def members_per_program(kernel: str, HC: int, members: int) -> int:
+def members_per_program(kernel: str, HC: int, members: int, precision: str) -> int:
     """MG: members whose rank accumulators one program of shrink_route / input_grad holds at once."""
-    return min(GROUP_COLUMNS // HC, MAX_SLOTS[kernel], pow2(min(members, LAUNCH_MEMBERS)))
+    columns = IEEE_INPUT_GRAD_COLUMNS if (kernel, precision) == ("input_grad", "ieee") else GROUP_COLUMNS
+    return min(columns // HC, MAX_SLOTS[kernel], pow2(min(members, LAUNCH_MEMBERS)))
 
 
 def param_dtype(x_dtype: torch.dtype, dtype: torch.dtype) -> torch.dtype:
@@ -179,6 +183,9 @@ KERNELS = tuple(TILES)
 # 8 bytes on sm_80, 32 on sm_90; the per-expert (BM, 8, 8) h tile beside the 64x64 B chunk held across the token loop);
 # 16 tokens a block fit in about 200 and move the same bytes (the B chunk still stays in registers).
 EXPAND_EXPERT_CHUNKS = Blocks(16, 64, 8)
+# rank_grad (deterministic mode) with per-expert A and chunks of 1 expert x 64 ranks (r 33..64) and TF32 dots spilled
+# 40 bytes on sm_80 at 32 tokens a block; 16 tokens a block re-read B twice as often, in deterministic mode only.
+RANK_GRAD_WIDE_CHUNKS = Blocks(16, 32, 8)
 
 
 @dataclass(frozen=True)
@@ -232,16 +239,18 @@ def kernel_configs(shape: Shape, deterministic: bool, routed: bool) -> Dict[str,
         return KernelConfig(kernel, tuple(sorted({**sizes, **constexprs}.items())), blocks.num_warps)
 
     configs = {
-        "shrink_route": make("shrink_route", HC=HC, MG=members_per_program("shrink_route", HC, shape.members),
-                             E_PAD=E_PAD),
+        "shrink_route": make("shrink_route", HC=HC,
+                             MG=members_per_program("shrink_route", HC, shape.members, precision), E_PAD=E_PAD),
         "expand": make("expand", EXPAND_EXPERT_CHUNKS if EC == 8 and not shape.hydra else None, EC=EC, RCH=RCH,
                        HYDRA=shape.hydra),
         "output_grad": make("output_grad", EC=EC, RCH=RCH, HYDRA=shape.hydra),
-        "input_grad": make("input_grad", HC=HC, MG=members_per_program("input_grad", HC, shape.members),
+        "input_grad": make("input_grad", HC=HC, MG=members_per_program("input_grad", HC, shape.members, precision),
                            E_PAD=E_PAD),
     }
     if deterministic:
-        configs["rank_grad"] = make("rank_grad", EC=EC, RCH=RCH, HYDRA=shape.hydra)
+        wide = (EC, RCH, shape.hydra, precision) == (1, 64, False, "tf32")
+        configs["rank_grad"] = make("rank_grad", RANK_GRAD_WIDE_CHUNKS if wide else None, EC=EC, RCH=RCH,
+                                    HYDRA=shape.hydra)
     if routed:
         configs["route_grad"] = make("route_grad", E_PAD=E_PAD)
     return configs

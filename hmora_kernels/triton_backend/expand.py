@@ -14,7 +14,7 @@ from .launch import launch, member_sizes, member_tuple
 from .plan import LAUNCH_MEMBERS, GroupPlan, LaunchGroup
 from .tiles import (
     FP32_DOT, any_expert_selected, b_chunk_columns, chunk_experts_ranks, chunk_rank_and_gates, fused_jit,
-    gated_operand, member_int, member_of_block, member_value, selection_bits, token_rows, token_split,
+    gated_operand, member_columns, member_value, selection_bits, token_rows, token_split,
 )
 
 
@@ -32,14 +32,9 @@ def expand_kernel(
     T, E, r, HS, h_stride, member0, scaling, tokens_per_split, rank_blocks, chunks, gated, selective, has_base,
     BM: tl.constexpr, BN: tl.constexpr, EC: tl.constexpr, RCH: tl.constexpr, HYDRA: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
     t_begin, t_end = token_split(T, tokens_per_split)
-    m = member_of_block(block_starts, pid_n)
-    d_out = member_int(d_outs, m)
+    m, d_out, n, n_ok, h_col0 = member_columns(block_starts, d_outs, member0, HS, BN)
     b_ptr = member_value(b_ptrs, m)
-    n = (pid_n - member_int(block_starts, m)) * BN + tl.arange(0, BN)
-    n_ok = n < d_out
-    h_col0 = (member0 + m) * HS
     KE = E * r
     e0, e, j, e_ok, j_ok = chunk_experts_ranks(0, rank_blocks, E, r, EC, RCH)
     b_first = load_b_chunk(b_ptr, n, n_ok, e, j, e_ok, j_ok, KE, r, EC, RCH)

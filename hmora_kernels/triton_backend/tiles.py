@@ -69,6 +69,17 @@ def member_of_block(block_starts, pid):
 
 
 @triton.jit
+def member_columns(block_starts, d_outs, member0, HS, BN: tl.constexpr):
+    """For the program owning d_out column block tl.program_id(0) of a launch group: its member m, the member's
+    d_out, the block's columns n and their validity, and the member's first column in h."""
+    pid_n = tl.program_id(0)
+    m = member_of_block(block_starts, pid_n)
+    d_out = member_int(d_outs, m)
+    n = (pid_n - member_int(block_starts, m)) * BN + tl.arange(0, BN)
+    return m, d_out, n, n < d_out, (member0 + m) * HS
+
+
+@triton.jit
 def accumulate(ptrs, value, mask, atomic):
     """Add into zeroed memory shared with other programs (fp32 atomics), or store what this program owns alone."""
     if atomic:

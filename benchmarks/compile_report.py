@@ -4,9 +4,9 @@ Compiles kernels of `hmora_kernels.triton_backend` to cubin for sm_80 and sm_90,
 JIT would compile them, and reads the figures with cuobjdump. The configurations come from the planner
 (`hmora_kernels.triton_backend.aot`): by default one per tier (kernel, block sizes, dot precision, warps), the one
 with the most register demand, which is what CI runs; `--all` compiles every configuration and dtype signature the
-planner can choose inside the kernels' limits: 561 distinct compiled kernels (137 configurations x the dtype
-signatures each admits, deduplicated by the JIT's specialisation key) x 2 targets = 1,122 compiles, 1.3 to 5
-CPU-seconds each (the heaviest first): most of an hour of CPU.
+planner can choose inside the kernels' limits: 559 distinct compiled kernels (135 configurations x the dtype
+signatures each admits, deduplicated by the JIT's specialisation key) x 2 targets = 1,118 compiles, 1.3 to 5
+CPU-seconds each (the heaviest first): 24 minutes on 2 cores, minutes with Triton's cache warm.
 `--rules` compiles the launches of the routing rules (Switch, TopP, RankWise) at the paper setting and SMoRA's: the
 same kernels (the rules are run-time arguments), shown by themselves.
 Run: `python -m benchmarks.compile_report [--all | --rules] [--json]`.

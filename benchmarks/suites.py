@@ -21,7 +21,7 @@ layer-cpu  CPU time of one hybrid decoder layer of Qwen2-1.5B (layer 14 of 28) i
          fp32, 2 threads, forward + backward, at dropout 0.1 and 0: the bare layer, a plain-PyTorch stand-in for the
          reference implementation (nn.Dropout per adapter), hmora's torch backend with the native and the philox
          mask generator, and torch.compile of it (benchmarks.decoder_layer). About 6 minutes on 2 idle cores at
-         --repeats 5 (the philox and torch.compile rows take at most 5 rounds).
+         --repeats 12 (the philox and torch.compile rows take at most 5 rounds).
 """
 from __future__ import annotations
 

@@ -52,34 +52,35 @@ def test_every_tier_compiles_for_sm80_and_sm90_without_spills(planner_space):
 
 
 # Configurations that spilled while the per-tier check compiled another configuration of their tier (issue 11), as
-# (kernel, groups whose launches include it, constexprs the planner must now choose for it).
+# (kernel, groups whose launches include it, constexprs the planner must now choose for it, compiled kernels: one
+# per dtype signature of the groups x sm_80 / sm_90).
 SPILLED = {
     # expand, per-expert A, chunks of 8 experts x 8 ranks (E >= 3, r <= 8: the paper's E 8 r 8): 8 bytes on sm_80,
     # 32 on sm_90 at 32 tokens a block; the fp32 and bf16 kernels spilled
     "expand 8x8 chunks": ("expand_kernel", "[GroupSpec(8, 8, False, d, (d,) * 3, (d,) * 3, 'token') "
                           "for d in (torch.float32, torch.bfloat16)]",
-                          dict(EC=8, RCH=8, HYDRA=False, BM=16)),
+                          dict(EC=8, RCH=8, HYDRA=False, BM=16), 4),
     # rank_grad (deterministic), per-expert A, 1 expert x 64 ranks (r 33..64), TF32: 40 bytes on sm_80 at BM 32
     "rank_grad 1x64 chunks": ("rank_grad_kernel", "[GroupSpec(1, 33, False, d, (d,), (d,), 'hybrid', top_k=1, "
                               "deterministic=True) for d in (torch.float32, torch.bfloat16)]",
-                              dict(EC=1, RCH=64, HYDRA=False, BM=16, DOT="tf32")),
+                              dict(EC=1, RCH=64, HYDRA=False, BM=16, DOT="tf32"), 4),
     # input_grad with full-fp32 dots, 3 members x 64 columns of h (e.g. E 1 r 33): 16 bytes on sm_90 at MG 4
     "input_grad ieee 64 columns": ("input_grad_kernel", "[GroupSpec(1, 33, False, torch.float32, (torch.float32,) * 3, "
                                    "(torch.float32,) * 3, 'hybrid', top_k=1, precision='ieee')]",
-                                   dict(HC=64, MG=2, DOT="ieee")),
+                                   dict(HC=64, MG=2, DOT="ieee"), 2),
 }
 
 
 @pytest.mark.parametrize("case", sorted(SPILLED))
 def test_configurations_that_spilled_compile_clean(case):
-    kernel, specs, expected = SPILLED[case]
+    kernel, specs, expected, compiles = SPILLED[case]
     code = ("import json, torch; from hmora_kernels.triton_backend.aot import ARCHS, GroupSpec, launch_jobs, run_job; "
             f"print(json.dumps([run_job(job, arch) for job in launch_jobs({specs}) if job.kernel == {kernel!r} "
             "for arch in ARCHS]))")
     done = without_interpreter("-c", code, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     rows = json.loads(done.stdout.strip().splitlines()[-1])
-    assert rows
+    assert len(rows) == compiles
     for row in rows:
         what = f"{row['arch']} ({row['config']}, {row['constexprs']})"
         assert {k: row["constexprs"][k] for k in expected} == expected, what

@@ -35,8 +35,8 @@ RULE_CODES = {"default": 0, "Switch": 1, "TopP": 2, "RankWise": 3}  # the gate r
 # many members (input_grad also holds their A tiles); beyond, more programs or work items (chosen so none spills).
 GROUP_COLUMNS = 256
 MAX_SLOTS = {"shrink_route": 8, "input_grad": 4}
-# input_grad with full-fp32 dots: 4 members x 64 columns spilled 16 bytes on sm_90 (its FMA dots keep the A tiles
-# and accumulators in wider layouts than the tensor-core ones); half the columns per work item fit.
+# input_grad with full-fp32 dots: 4 members x 64 columns spilled 16 bytes on sm_90 (the same tile with TF32 dots
+# compiles clean); half the columns per work item fit.
 IEEE_INPUT_GRAD_COLUMNS = 128
 
 

@@ -22,8 +22,8 @@ import torch
 
 from .workloads import MODELS, Setting, Workload, minimum_traffic_bytes
 
-# fp32 accumulators one program can hold: 128 registers of each of 8 warps' threads (a 128 x 256 tile, the largest
-# fp32 tile Triton GEMMs use), and the whole 64K-register file of an SM (nothing left for operands: a hard ceiling)
+# fp32 accumulators one program can hold: 128 registers of each of 8 warps' threads (128 x 256, the largest tile of
+# Triton's matmul tutorial configurations), and the whole 64K-register file of an SM (nothing left for operands)
 ACCUMULATOR_BUDGETS = {"128 regs x 8 warps": 128 * 256, "whole register file": 64 * 1024}
 DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float16, torch.bfloat16)}
 

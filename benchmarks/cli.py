@@ -17,8 +17,8 @@ from typing import List, Optional
 def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="hmora-bench", description=__doc__.split("\n")[0])
     parser.add_argument("--suite", default="default",
-                        help="quick | default | layer-cpu | paper-cpu | scaling-cpu | variants-cpu | rank-cpu | "
-                             "llama-cpu | paper | full (see benchmarks.suites)")
+                        help="quick | default | layer-cpu | paper-cpu | scaling-cpu | variants-cpu | dtypes-cpu | "
+                             "rank-cpu | rules-cpu | llama-cpu | paper | full (see benchmarks.suites)")
     parser.add_argument("--out", default="bench-out", help="directory for results.csv, results.json and the PNGs")
     parser.add_argument("--repeats", type=int, default=5,
                         help="timed repetitions per point (the fastest is kept); layer-cpu: interleaved rounds "

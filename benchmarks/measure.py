@@ -57,6 +57,7 @@ class Row:
     dtype: str
     implementation: str
     phase: str
+    dropout_rng: Optional[str] = None  # the mask generator, when there is dropout
     saved_bytes: Optional[int] = None
     saved_min: Optional[int] = None
     gpu_peak_bytes: Optional[int] = None
@@ -85,7 +86,8 @@ class Row:
 def _base_row(w: Workload, implementation: str, phase: str) -> Row:
     s = w.setting
     return Row(w.model.name, w.scope, w.tokens, s.num_experts, s.rank, s.hydra, s.routing, s.dropout_p,
-               str(s.dtype).replace("torch.", ""), implementation, phase)
+               str(s.dtype).replace("torch.", ""), implementation, phase,
+               dropout_rng=s.dropout_rng if s.dropout_p > 0 else None)
 
 
 def unavailable_reason(implementation: str) -> Optional[str]:

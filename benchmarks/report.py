@@ -14,7 +14,8 @@ from .measure import METRIC_SOURCES
 
 NAIVE = "reference"
 LAYER_SECTION = "decoder-layer"
-_WORKLOAD_KEYS = ("model", "scope", "tokens", "experts", "rank", "hydra", "routing", "dropout", "dtype", "phase")
+_WORKLOAD_KEYS = ("model", "scope", "tokens", "experts", "rank", "hydra", "routing", "dropout", "dropout_rng", "dtype",
+                  "phase")
 
 DERIVED_SOURCES = {
     "saved_ratio": "saved_bytes / saved_min",
@@ -45,10 +46,10 @@ def derive(rows: List[Dict[str, object]]) -> List[Dict[str, object]]:
     naive: Dict[tuple, Dict[str, object]] = {}
     for r in rows:  # the naive loop's memory and time rows of one workload may come from different sections
         if r["implementation"] == NAIVE:
-            known = naive.setdefault(tuple(r[k] for k in _WORKLOAD_KEYS), {})
+            known = naive.setdefault(tuple(r.get(k) for k in _WORKLOAD_KEYS), {})
             known.update({k: v for k, v in r.items() if v is not None})
     for r in rows:
-        ref = naive.get(tuple(r[k] for k in _WORKLOAD_KEYS), {})
+        ref = naive.get(tuple(r.get(k) for k in _WORKLOAD_KEYS), {})
         time_key = "gpu_s" if r.get("gpu_s") is not None else "cpu_s"
         r["saved_ratio"] = _ratio(r["saved_bytes"], r["saved_min"])
         r["saved_vs_naive"] = _ratio(ref.get("saved_bytes"), r["saved_bytes"])
@@ -115,7 +116,9 @@ def _plain(v) -> str:
 MEMORY_COLUMNS = [
     ("model", "model", _plain), ("scope", "scope", _plain), ("T", "tokens", _plain), ("E", "experts", _plain),
     ("r", "rank", _plain), ("hydra", "hydra", _plain),
-    ("routing", "routing", _plain), ("impl", "implementation", _plain), ("phase", "phase", _plain),
+    ("routing", "routing", _plain), ("dropout", "dropout", _plain), ("masks", "dropout_rng", _plain),
+    ("dtype", "dtype", _plain),
+    ("impl", "implementation", _plain), ("phase", "phase", _plain),
     ("saved MB", "saved_bytes", _mb), ("saved/min", "saved_ratio", _x), ("naive/saved", "saved_vs_naive", _x),
     ("launches", "launches", _plain), ("kernels", "kernel_launches", _plain),
     ("traffic MB", "traffic_bytes", _mb), ("min MB", "traffic_min", _mb), ("traffic/min", "traffic_ratio", _x),
@@ -155,7 +158,7 @@ def format_table(rows: Iterable[Dict[str, object]], columns, markdown: bool = Fa
 
 def tables(rows: List[Dict[str, object]], markdown: bool = False) -> str:
     """A table per kind of row: decoder-layer times, memory/traffic/launches, op times."""
-    memory = [r for r in rows if r["section"] in ("paper", "scaling", "variants", "rank", "rules")]
+    memory = [r for r in rows if r["section"] in ("paper", "scaling", "variants", "rank", "rules", "dtypes")]
     timing = [r for r in rows if r["section"] == "speedup"]
     layer = [r for r in rows if r["section"] == LAYER_SECTION]
     out = []

@@ -6,9 +6,9 @@ across programs adds partial sums on top). Registers cap the tile: BM * BN <= th
 The fused forward's first GEMM (x against every member's A: P = T, Q = members x A's rows, K = d_in) must run in
 some such tiling, so the workload's minimum plus that GEMM's re-reads is a lower bound on the forward's issued
 bytes for any design whose programs load their operands from global memory for each output tile (Triton's GEMMs:
-shared memory stages operand tiles, it does not keep them across output tiles). The torch backend's count is taken at aten operator boundaries (each GEMM's
-operands counted once; cuBLAS's own tile re-reads are not seen), so where the bound exceeds it, no register-tiled
-forward can issue fewer bytes than the torch backend's count.
+shared memory stages operand tiles, it does not keep them across output tiles). The torch backend's count is taken
+at aten operator boundaries (each GEMM's operands counted once; cuBLAS's own tile re-reads are not seen), so where
+the bound exceeds it, no register-tiled forward can issue fewer bytes than the torch backend's count.
 
     python -m benchmarks.tiling_bound docs/benchmarks/rank-cpu-results.json
 """

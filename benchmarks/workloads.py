@@ -39,7 +39,8 @@ MODELS = {m.name: m for m in (QWEN2_1_5B, LLAMA3_8B)}
 class Setting:
     """Adapter hyper-parameters; the defaults are the paper setting (E 8, r 8, Hydra, top-2, dropout 0.1).
     rule: a routing rule of hmora_kernels (Switch, TopP, RankWise; top_k must then be None), on one sequence per
-    1024 tokens (Switch's capacity counts per sequence)."""
+    1024 tokens (Switch's capacity counts per sequence). dropout_rng: the ops' mask generator
+    (hmora_kernels.dropout)."""
 
     num_experts: int = 8
     rank: int = 8
@@ -48,6 +49,7 @@ class Setting:
     dropout_p: float = 0.1
     dtype: torch.dtype = torch.float32
     rule: object = None
+    dropout_rng: str = "philox"  # the ops' default (the same masks in every backend); hmora's models use "native"
 
     @property
     def routing(self) -> str:
@@ -236,13 +238,14 @@ def forward(problem: Problem, backend: str) -> List[torch.Tensor]:
         if a.routed:
             group = hk.routed_group(
                 e["x"], e["A"], e["B"], scaling, router_weight=e["router_weight"], router_bias=e["router_bias"],
-                kind="token", top_k=s.top_k, dropout_p=s.dropout_p, seed=1, bases=e["bases"], backend=backend,
+                kind="token", top_k=s.top_k, dropout_p=s.dropout_p, dropout_rng=s.dropout_rng, seed=1, bases=e["bases"],
+                backend=backend,
                 rule=e.get("rule"), token_mask=e.get("token_mask"), selection_bias=e.get("selection_bias"),
             )
             outputs += group.outputs
         else:
-            outputs.append(hk.lora(e["x"], e["A"][0], e["B"][0], scaling, dropout_p=s.dropout_p, seed=1,
-                                   base=e["bases"][0], backend=backend))
+            outputs.append(hk.lora(e["x"], e["A"][0], e["B"][0], scaling, dropout_p=s.dropout_p,
+                                   dropout_rng=s.dropout_rng, seed=1, base=e["bases"][0], backend=backend))
     return outputs
 
 

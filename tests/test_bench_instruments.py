@@ -377,3 +377,13 @@ def test_hmora_bench_times_a_decoder_layer_beside_the_stand_in(tmp_path, monkeyp
     assert len(by_impl["hmora"]["cpu_s_rounds"]) == 2 and by_impl["hmora"]["threads"] == 1
     assert by_impl["hmora"]["dropout_rng"] == "native" and by_impl["stand-in"]["dropout_rng"] == "nn.Dropout"
     assert "Decoder layer, forward + backward" in capsys.readouterr().out
+
+
+def test_hmora_bench_help_names_every_suite(capsys):
+    """The --suite help is written out by hand (the suites import the kernels, which must wait for the interpreter
+    switch); it must not fall behind benchmarks.suites."""
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    listed = help_text.rsplit("--suite SUITE", 1)[1].split("(see benchmarks.suites)", 1)[0]
+    assert {name.strip() for name in listed.split("|")} == set(suites.SUITES)

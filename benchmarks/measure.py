@@ -58,6 +58,7 @@ class Row:
     implementation: str
     phase: str
     dropout_rng: Optional[str] = None  # the mask generator, when there is dropout
+    param_dtype: Optional[str] = None  # A, B and the router's dtype, when it is not the activations'
     saved_bytes: Optional[int] = None
     saved_min: Optional[int] = None
     gpu_peak_bytes: Optional[int] = None
@@ -87,7 +88,8 @@ def _base_row(w: Workload, implementation: str, phase: str) -> Row:
     s = w.setting
     return Row(w.model.name, w.scope, w.tokens, s.num_experts, s.rank, s.hydra, s.routing, s.dropout_p,
                str(s.dtype).replace("torch.", ""), implementation, phase,
-               dropout_rng=s.dropout_rng if s.dropout_p > 0 else None)
+               dropout_rng=s.dropout_rng if s.dropout_p > 0 else None,
+               param_dtype=None if s.weight_dtype == s.dtype else str(s.weight_dtype).replace("torch.", ""))
 
 
 def unavailable_reason(implementation: str) -> Optional[str]:

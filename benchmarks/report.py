@@ -15,7 +15,7 @@ from .measure import METRIC_SOURCES
 NAIVE = "reference"
 LAYER_SECTION = "decoder-layer"
 _WORKLOAD_KEYS = ("model", "scope", "tokens", "experts", "rank", "hydra", "routing", "dropout", "dropout_rng", "dtype",
-                  "phase")
+                  "param_dtype", "phase")
 
 DERIVED_SOURCES = {
     "saved_ratio": "saved_bytes / saved_min",
@@ -117,7 +117,7 @@ MEMORY_COLUMNS = [
     ("model", "model", _plain), ("scope", "scope", _plain), ("T", "tokens", _plain), ("E", "experts", _plain),
     ("r", "rank", _plain), ("hydra", "hydra", _plain),
     ("routing", "routing", _plain), ("dropout", "dropout", _plain), ("masks", "dropout_rng", _plain),
-    ("dtype", "dtype", _plain),
+    ("dtype", "dtype", _plain), ("weights", "param_dtype", _plain),
     ("impl", "implementation", _plain), ("phase", "phase", _plain),
     ("saved MB", "saved_bytes", _mb), ("saved/min", "saved_ratio", _x), ("naive/saved", "saved_vs_naive", _x),
     ("launches", "launches", _plain), ("kernels", "kernel_launches", _plain),

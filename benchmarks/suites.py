@@ -10,8 +10,8 @@ paper-cpu  the acceptance point as the interpreter counts it here (about an hour
          are regenerated in registers; the default suite shows both).
 scaling-cpu  the routed group at T 256 .. 4096 (octaves), dropout 0: the linear-in-T plot up to the acceptance point.
 variants-cpu  the routed group at T 1024, dropout 0, Hydra or per-expert A x top-2 or soft routing.
-dtypes-cpu  the routed group at T 256 at the paper's dropout 0.1 with the masks hmora's models draw by default
-         ("native"), Hydra or per-expert A, top-2, in fp32, bf16 and fp16 (what users train in): saved bytes, traffic
+dtypes-cpu  the routed group at T 256 at the paper's dropout 0.1 as hmora's models run it (fp32 adapters and
+         router, "native" masks), Hydra or per-expert A, top-2, activations in fp32, bf16 and fp16: saved bytes, traffic
          and launches of every implementation (about 25 minutes: the interpreter draws the masks element by element).
 rank-cpu  the routed group at E*r 128 .. 1024 (E 8, r 16 .. 128; and E 64, r 16), Hydra or per-expert A x top-2 or
          soft routing, T 256, dropout 0: traffic and saved bytes against E*r.
@@ -39,6 +39,8 @@ from .decoder_layer import LayerCase, LayerSetting
 from .workloads import LLAMA3_8B, PAPER, QWEN2_1_5B, Setting, Workload
 
 MEMORY_IMPLS = ("reference", "torch", "triton")
+# what hmora's models run: fp32 adapters and routers (whatever the model's dtype) and the "native" dropout masks
+HMORA_MODEL = dict(param_dtype=torch.float32, dropout_rng="native")
 
 
 @dataclass(frozen=True)
@@ -103,9 +105,9 @@ def _suites() -> Dict[str, List[object]]:
         # the routing variants' bytes: Hydra or per-expert A, top-2 or soft, the group at T 1024 (8 min)
         "variants-cpu": [Case("variants", Workload(QWEN2_1_5B, replace(v, dropout_p=0.0), 1024, "group"),
                               MEMORY_IMPLS, memory=True, timing=False) for v in variants],
-        # the paper setting (dropout 0.1, the "native" masks hmora's models draw) and per-expert A in the dtypes users
-        # train in: bytes of every implementation
-        "dtypes-cpu": [Case("dtypes", Workload(QWEN2_1_5B, replace(v, dtype=dtype, dropout_rng="native"), 256,
+        # the paper setting (dropout 0.1) and per-expert A as hmora's models run them, in the dtypes users train
+        # in: bytes of every implementation
+        "dtypes-cpu": [Case("dtypes", Workload(QWEN2_1_5B, replace(v, dtype=dtype, **HMORA_MODEL), 256,
                                      "group"), MEMORY_IMPLS, memory=True, timing=False)
                        for v in (PAPER, replace(PAPER, hydra=False))
                        for dtype in (torch.float32, torch.bfloat16, torch.float16)],

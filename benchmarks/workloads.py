@@ -50,6 +50,11 @@ class Setting:
     dtype: torch.dtype = torch.float32
     rule: object = None
     dropout_rng: str = "philox"  # the ops' default (the same masks in every backend); hmora's models use "native"
+    param_dtype: torch.dtype | None = None  # A, B and the router; None: dtype. hmora's models keep them in fp32
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        return self.param_dtype or self.dtype
 
     @property
     def routing(self) -> str:
@@ -159,7 +164,7 @@ def minimum_traffic_bytes(w: Workload, phase: str) -> int:
         x = T * a.d_in * b
         ys = sum(T * d_out * b for d_out in a.d_outs)
         hs = len(a.d_outs) * T * a.rank_columns(s) * b
-        weights = a.weight_elements(s) * b
+        weights = a.weight_elements(s) * torch.empty((), dtype=s.weight_dtype).element_size()
         routing = T * s.num_experts * 4 if a.routed else 0
         if phase == "forward":
             total += x + weights + 2 * ys + hs + 3 * routing
@@ -193,22 +198,23 @@ def build_problem(w: Workload, seed: int = 0, device: str = "cpu") -> Problem:
     s, T = w.setting, w.tokens
     gen = torch.Generator().manual_seed(seed)
 
-    def rand(*shape, scale=1.0, grad=True):
-        return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=s.dtype).requires_grad_(grad)
+    def rand(*shape, scale=1.0, grad=True, dtype=s.dtype):
+        return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype).requires_grad_(grad)
 
     inputs, weights, grads = {}, [], []
     for a in w.adapters():
         x = rand(T, a.d_in)
-        A = [rand(a.a_rows(s), a.d_in, scale=a.d_in ** -0.5) for _ in a.d_outs]
-        B = [rand(d_out, s.num_experts * s.rank if a.routed else s.rank, scale=0.01) for d_out in a.d_outs]
+        A = [rand(a.a_rows(s), a.d_in, scale=a.d_in ** -0.5, dtype=s.weight_dtype) for _ in a.d_outs]
+        B = [rand(d_out, s.num_experts * s.rank if a.routed else s.rank, scale=0.01, dtype=s.weight_dtype)
+             for d_out in a.d_outs]
         # in a model a base is a frozen Linear's output: its gradient is dy itself, consumed by that GEMM's backward;
         # a leaf base that requires grad would make autograd clone dy into .grad, a copy no model makes
         bases = [rand(T, d_out, grad=False) for d_out in a.d_outs]
         entry = {"x": x, "A": A, "B": B, "bases": bases}
         weights += A + B
         if a.routed:
-            entry["router_weight"] = rand(s.num_experts, a.d_in, scale=a.d_in ** -0.5)
-            entry["router_bias"] = rand(s.num_experts, scale=0.1)
+            entry["router_weight"] = rand(s.num_experts, a.d_in, scale=a.d_in ** -0.5, dtype=s.weight_dtype)
+            entry["router_bias"] = rand(s.num_experts, scale=0.1, dtype=s.weight_dtype)
             weights += [entry["router_weight"], entry["router_bias"]]
             entry.update(rule_inputs(s, T, device))
         inputs[a.name] = entry

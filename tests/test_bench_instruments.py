@@ -1,6 +1,7 @@
 """The benchmark's measuring instruments, checked on operations whose bytes are known by hand."""
 import json
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,7 +14,9 @@ from benchmarks import cli, suites
 from benchmarks.decoder_layer import LayerCase, LayerSetting, LayerShape
 from benchmarks.instruments import KernelTraffic, L2Model, OpTraffic, SavedBytes, cpu_wall_time, tensor_bytes
 from benchmarks.suites import Case
-from benchmarks.workloads import PAPER, ModelShape, Setting, Workload, minimum_saved_bytes, minimum_traffic_bytes
+from benchmarks.workloads import (
+    PAPER, ModelShape, Setting, Workload, build_problem, minimum_saved_bytes, minimum_traffic_bytes,
+)
 
 F32 = 4
 SECTOR = 32  # bytes of an L2 sector
@@ -387,3 +390,17 @@ def test_hmora_bench_help_names_every_suite(capsys):
     help_text = " ".join(capsys.readouterr().out.split())
     listed = help_text.rsplit("--suite SUITE", 1)[1].split("(see benchmarks.suites)", 1)[0]
     assert {name.strip() for name in listed.split("|")} == set(suites.SUITES)
+
+
+def test_minimum_counts_fp32_weights_beside_16_bit_activations():
+    """hmora's models keep adapters and routers in fp32 under a bf16 model: the minimum reads them (and writes
+    their gradients) at 4 bytes, the activations at 2."""
+    bf16 = Setting(num_experts=4, rank=2, hydra=False, top_k=2, dropout_p=0.0, dtype=torch.bfloat16)
+    pure, mixed = (Workload(TINY, s, tokens=4, scope="group") for s in (bf16, replace(bf16, param_dtype=torch.float32)))
+    extra = pure.adapters()[0].weight_elements(bf16) * 2  # 2 more bytes a weight element
+    assert minimum_traffic_bytes(mixed, "forward") - minimum_traffic_bytes(pure, "forward") == extra
+    assert minimum_traffic_bytes(mixed, "backward") - minimum_traffic_bytes(pure, "backward") == 2 * extra
+    assert minimum_saved_bytes(mixed) == minimum_saved_bytes(pure)  # weights are not saved activations
+    problem = build_problem(mixed)
+    assert {t.dtype for t in problem.weights} == {torch.float32}
+    assert problem.inputs["qkv"]["x"].dtype == torch.bfloat16

@@ -66,7 +66,8 @@ def workload_of(row: Dict[str, object]) -> Workload:
     routing = row["routing"]
     top_k = None if routing == "soft" else int(str(routing).removeprefix("top-"))
     setting = Setting(num_experts=row["experts"], rank=row["rank"], hydra=row["hydra"], top_k=top_k,
-                      dropout_p=row["dropout"], dtype=DTYPES[row["dtype"]])
+                      dropout_p=row["dropout"], dtype=DTYPES[row["dtype"]],
+                      param_dtype=DTYPES.get(row.get("param_dtype")), dropout_rng=row.get("dropout_rng") or "philox")
     return Workload(MODELS[row["model"]], setting, row["tokens"], row["scope"])
 
 
@@ -123,7 +124,7 @@ def grid_order(result: Dict[str, object]) -> tuple:
 
 def markdown(results: List[Dict[str, object]]) -> str:
     names = list(ACCUMULATOR_BUDGETS)
-    head = ["T", "E", "r", "A", "routing", "min MB", "torch /min", "triton /min"]
+    head = ["T", "E", "r", "A", "routing", "dtype", "min MB", "torch /min", "triton /min"]
     for n in names:
         head += [f"bound /min ({n})", f"shrink programs under torch's count ({n})"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -132,7 +133,7 @@ def markdown(results: List[Dict[str, object]]) -> str:
         s = w.setting
         mn = res["budgets"][names[0]]["minimum"]
         cells = [w.tokens, s.num_experts, s.rank, "Hydra" if s.hydra else "per-expert", s.routing,
-                 f"{mn / 1e6:.1f}", f"{res['torch'] / mn:.2f}x",
+                 str(s.dtype).removeprefix("torch."), f"{mn / 1e6:.1f}", f"{res['torch'] / mn:.2f}x",
                  "" if res["triton"] is None else f"{res['triton'] / mn:.2f}x"]
         for n in names:
             b = res["budgets"][n]

@@ -245,8 +245,8 @@ def forward(problem: Problem, backend: str) -> List[torch.Tensor]:
             group = hk.routed_group(
                 e["x"], e["A"], e["B"], scaling, router_weight=e["router_weight"], router_bias=e["router_bias"],
                 kind="token", top_k=s.top_k, dropout_p=s.dropout_p, dropout_rng=s.dropout_rng, seed=1, bases=e["bases"],
-                backend=backend,
-                rule=e.get("rule"), token_mask=e.get("token_mask"), selection_bias=e.get("selection_bias"),
+                backend=backend, rule=e.get("rule"), token_mask=e.get("token_mask"),
+                selection_bias=e.get("selection_bias"),
             )
             outputs += group.outputs
         else:

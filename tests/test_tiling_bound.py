@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 
 from benchmarks import tiling_bound
 from benchmarks.measure import measure_memory
-from benchmarks.workloads import ModelShape, Setting, Workload, build_problem
+from benchmarks.workloads import ModelShape, Setting, Workload, build_problem, minimum_traffic_bytes
 
 RESULTS = os.path.join(os.path.dirname(__file__), "..", "docs", "benchmarks", "rank-cpu-results.json")
 
@@ -60,3 +60,15 @@ def test_bound_is_below_every_fused_forward_of_the_committed_grid():
     (t1024,) = [r for r in results if r["workload"].tokens == 1024]
     assert t1024["budgets"]["128 regs x 8 warps"]["bound"] > t1024["torch"]
     assert t1024["budgets"]["128 regs x 8 warps"]["programs"] == (0, None)
+
+
+def test_workloads_rebuilt_from_committed_rows_have_the_rows_minimum():
+    """The bound starts from the row's workload: rebuilt from the row (dtype, weights' dtype, routing), its minimum is
+    the one the benchmark measured against, for fp32 rows and for bf16 / fp16 rows with fp32 weights."""
+    for name in ("rank-cpu", "dtypes-cpu"):
+        with open(os.path.join(os.path.dirname(RESULTS), f"{name}-results.json")) as f:
+            rows = [r for r in json.load(f)["rows"] if r["phase"] != "both"]
+        assert rows
+        for r in rows:
+            w = tiling_bound.workload_of(r)
+            assert minimum_traffic_bytes(w, r["phase"]) == r["traffic_min"], (name, r)

@@ -29,6 +29,11 @@ ACCUMULATOR_BUDGETS = {"128 regs x 8 warps": 128 * 256, "whole register file": 6
 DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float16, torch.bfloat16)}
 
 
+def tile_rereads(P: int, Q: int, K: int, BM: int, BN: int) -> int:
+    """Input elements a BM x BN tiling of (P x K)(K x Q) issues beyond reading each input once."""
+    return K * (P * (math.ceil(Q / BN) - 1) + Q * (math.ceil(P / BM) - 1))
+
+
 def gemm_reread_elements(P: int, Q: int, K: int, accumulators: int) -> Tuple[int, int, int]:
     """(fewest input elements issued beyond reading each input once, BM, BN) over every tile BM x BN <= accumulators
     (any integer sizes, not only Triton's powers of two: a bound for every design)."""
@@ -37,7 +42,7 @@ def gemm_reread_elements(P: int, Q: int, K: int, accumulators: int) -> Tuple[int
         BN = min(Q, accumulators // BM)  # a wider tile never re-reads more
         if BN == 0:
             break
-        extra = K * (P * (math.ceil(Q / BN) - 1) + Q * (math.ceil(P / BM) - 1))
+        extra = tile_rereads(P, Q, K, BM, BN)
         if best is None or extra < best[0]:
             best = (extra, BM, BN)
     return best
@@ -53,7 +58,7 @@ def split_tiles_under(P: int, Q: int, K: int, accumulators: int, allowed: int) -
             if BM * BN > accumulators:
                 continue
             tiles = math.ceil(P / BM) * math.ceil(Q / BN)
-            reread = K * (P * (math.ceil(Q / BN) - 1) + Q * (math.ceil(P / BM) - 1))
+            reread = tile_rereads(P, Q, K, BM, BN)
             for splits in range(1, K // 16 + 1):
                 if reread + 2 * (splits - 1) * P * Q > allowed:
                     break
@@ -77,15 +82,11 @@ def first_gemm(w: Workload) -> Tuple[int, int, int]:
     return w.tokens, len(group.d_outs) * group.a_rows(w.setting), group.d_in
 
 
-def element_bytes(w: Workload) -> int:
-    return torch.empty((), dtype=w.setting.dtype).element_size()
-
-
 def forward_bound(w: Workload, accumulators: int) -> Dict[str, object]:
     """The forward's minimum, the first GEMM's fewest re-reads (bytes), their sum and the tile (BM, BN)."""
     extra, BM, BN = gemm_reread_elements(*first_gemm(w), accumulators)
     minimum = minimum_traffic_bytes(w, "forward")
-    rereads = extra * element_bytes(w)
+    rereads = extra * w.setting.dtype.itemsize
     return dict(minimum=minimum, rereads=rereads, bound=minimum + rereads, tile=(BM, BN))
 
 
@@ -110,7 +111,7 @@ def bound_rows(rows: List[Dict[str, object]]) -> Iterator[Dict[str, object]]:
                    triton=impls["triton"]["traffic_bytes"] if "triton" in impls else None)
         for name, accumulators in ACCUMULATOR_BUDGETS.items():
             b = forward_bound(w, accumulators)
-            allowed = (torch_bytes - b["minimum"]) // element_bytes(w)
+            allowed = (torch_bytes - b["minimum"]) // w.setting.dtype.itemsize
             out["budgets"][name] = dict(b, programs=split_tiles_under(*first_gemm(w), accumulators, allowed))
         results.append(out)
     yield from sorted(results, key=grid_order)

@@ -135,13 +135,9 @@ class AdapterSpec:
 # ---------------------------------------------------------------- minimum bytes the shapes allow
 
 
-def _element_bytes(s: Setting) -> int:
-    return torch.empty((), dtype=s.dtype).element_size()
-
-
 def minimum_saved_bytes(w: Workload) -> int:
     """Per adapter op: x once, each member's rank activation h, the gates (T, E) in fp32 for a routed group."""
-    s, b, T = w.setting, _element_bytes(w.setting), w.tokens
+    s, b, T = w.setting, w.setting.dtype.itemsize, w.tokens
     total = 0
     for a in w.adapters():
         total += T * a.d_in * b + len(a.d_outs) * T * a.rank_columns(s) * b
@@ -158,13 +154,13 @@ def minimum_traffic_bytes(w: Workload, phase: str) -> int:
     """
     if phase == "both":
         return minimum_traffic_bytes(w, "forward") + minimum_traffic_bytes(w, "backward")
-    s, b, T = w.setting, _element_bytes(w.setting), w.tokens
+    s, b, T = w.setting, w.setting.dtype.itemsize, w.tokens
     total = 0
     for a in w.adapters():
         x = T * a.d_in * b
         ys = sum(T * d_out * b for d_out in a.d_outs)
         hs = len(a.d_outs) * T * a.rank_columns(s) * b
-        weights = a.weight_elements(s) * torch.empty((), dtype=s.weight_dtype).element_size()
+        weights = a.weight_elements(s) * s.weight_dtype.itemsize
         routing = T * s.num_experts * 4 if a.routed else 0
         if phase == "forward":
             total += x + weights + 2 * ys + hs + 3 * routing
